@@ -317,15 +317,11 @@ def validate(cfg: Config) -> Config:
         cfg.train.min_lr_ratio,
         "must be in [0, 1]",
     )
-    need(
-        cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables clipping)"
-    )
+    need(cfg.train.grad_clip >= 0, "train.grad_clip", cfg.train.grad_clip, "must be >= 0 (0 disables clipping)")
     for key in ("log_interval", "eval_interval", "eval_batches"):
         v = getattr(cfg.train, key)
         need(v >= 1, f"train.{key}", v, "must be >= 1")
-    need(
-        cfg.train.checkpoint_every >= 0, "train.checkpoint_every", cfg.train.checkpoint_every, "must be >= 0"
-    )
+    need(cfg.train.checkpoint_every >= 0, "train.checkpoint_every", cfg.train.checkpoint_every, "must be >= 0")
     need(cfg.outer_optimizer.lr > 0, "outer_optimizer.lr", cfg.outer_optimizer.lr, "must be > 0")
     need(
         0 <= cfg.outer_optimizer.momentum < 1,
@@ -350,17 +346,13 @@ def validate(cfg: Config) -> Config:
         "must be in [0, 1)",
     )
     need(0 < cfg.compression.ratio <= 1, "compression.ratio", cfg.compression.ratio, "must be in (0, 1]")
-    need(
-        cfg.compression.block_size >= 1, "compression.block_size", cfg.compression.block_size, "must be >= 1"
-    )
+    need(cfg.compression.block_size >= 1, "compression.block_size", cfg.compression.block_size, "must be >= 1")
     need(cfg.compression.rank >= 1, "compression.rank", cfg.compression.rank, "must be >= 1")
     m = cfg.model
     for key in ("n_layer", "n_head", "d_model", "seq_len"):
         v = getattr(m, key)
         need(v >= 1, f"model.{key}", v, "must be >= 1")
-    need(
-        m.d_model % m.n_head == 0, "model.d_model", m.d_model, f"must be divisible by model.n_head={m.n_head}"
-    )
+    need(m.d_model % m.n_head == 0, "model.d_model", m.d_model, f"must be divisible by model.n_head={m.n_head}")
     need(0 <= m.dropout < 1, "model.dropout", m.dropout, "must be in [0, 1)")
     d = cfg.data
     need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")

@@ -23,9 +23,7 @@ class Payload:
     buffers: dict[str, torch.Tensor]
     shape: tuple[int, ...]
     dtype: torch.dtype
-    meta: dict = field(
-        default_factory=dict
-    )  # small, agreed-by-both-ends facts (e.g. a shared seed); not sent
+    meta: dict = field(default_factory=dict)  # small, agreed-by-both-ends facts (e.g. a shared seed); not sent
 
     @property
     def nbytes(self) -> int:

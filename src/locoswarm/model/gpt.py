@@ -32,9 +32,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, shape: GPTShape):
         super().__init__()
         if shape.d_model % shape.n_head != 0:
-            raise ValueError(
-                f"model.d_model={shape.d_model} must be divisible by model.n_head={shape.n_head}"
-            )
+            raise ValueError(f"model.d_model={shape.d_model} must be divisible by model.n_head={shape.n_head}")
         self.n_head = shape.n_head
         self.dropout = shape.dropout
         self.qkv = nn.Linear(shape.d_model, 3 * shape.d_model, bias=False)
@@ -43,9 +41,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, C)
         qkv = self.qkv(x)  # (B, T, 3C)
-        q, k, v = rearrange(
-            qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head
-        )  # (B, H, T, D) each
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.n_head)  # (B, H, T, D) each
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D)
@@ -117,7 +113,5 @@ class GPT(nn.Module):
         logits = self.head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(
-            rearrange(logits, "b t v -> (b t) v").float(), rearrange(targets, "b t -> (b t)")
-        )
+        loss = F.cross_entropy(rearrange(logits, "b t v -> (b t) v").float(), rearrange(targets, "b t -> (b t)"))
         return logits, loss
