@@ -15,23 +15,30 @@ from enum import Enum
 from typing import Any
 
 
-class AlgorithmName(str, Enum):
+class StrEnum(str, Enum):
+    """A closed choice; prints as its value (so ``${algorithm.name}`` interpolates to ``diloco``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class AlgorithmName(StrEnum):
     ddp = "ddp"
     diloco = "diloco"
 
 
-class OuterOptimizerName(str, Enum):
+class OuterOptimizerName(StrEnum):
     sgd = "sgd"
     nesterov = "nesterov"
     adam = "adam"
 
 
-class InnerOptimizerName(str, Enum):
+class InnerOptimizerName(StrEnum):
     adamw = "adamw"
     sgd = "sgd"
 
 
-class CompressionName(str, Enum):
+class CompressionName(StrEnum):
     none = "none"
     fp16 = "fp16"
     bf16 = "bf16"
@@ -43,7 +50,7 @@ class CompressionName(str, Enum):
     sign = "sign"
 
 
-class ModelPreset(str, Enum):
+class ModelPreset(StrEnum):
     tiny = "tiny"
     small = "small"
     m60 = "60m"
@@ -52,43 +59,43 @@ class ModelPreset(str, Enum):
     custom = "custom"
 
 
-class DataName(str, Enum):
+class DataName(StrEnum):
     shakespeare = "shakespeare"
     text = "text"
     hf = "hf"
     synthetic = "synthetic"
 
 
-class ShardSplit(str, Enum):
+class ShardSplit(StrEnum):
     iid = "iid"
     non_iid = "non_iid"
 
 
-class BackendName(str, Enum):
+class BackendName(StrEnum):
     sim = "sim"
     torch = "torch"
     hivemind = "hivemind"
 
 
-class Execution(str, Enum):
+class Execution(StrEnum):
     sequential = "sequential"
     batched = "batched"
     auto = "auto"
 
 
-class Topology(str, Enum):
+class Topology(StrEnum):
     ring = "ring"
     butterfly = "butterfly"
     parameter_server = "parameter_server"
     gossip = "gossip"
 
 
-class LoggerName(str, Enum):
+class LoggerName(StrEnum):
     none = "none"
     wandb = "wandb"
 
 
-class Schedule(str, Enum):
+class Schedule(StrEnum):
     cosine = "cosine"
     constant = "constant"
 

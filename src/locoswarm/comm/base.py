@@ -26,6 +26,7 @@ class Round:
     bytes_received: float
     seconds: float  # real wall-clock spent exchanging (0 for in-process simulation)
     compression_ratio: float = 1.0  # payload bytes / uncompressed fp32 bytes
+    payload_bytes: float = 0.0  # encoded payload per worker (before the topology multiplies it)
     total_weight: float = 0.0
 
 

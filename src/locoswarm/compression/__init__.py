@@ -7,7 +7,7 @@ from locoswarm.compression.base import Codec, NoCompression, Payload
 __all__ = ["Codec", "NoCompression", "Payload", "make_codec"]
 
 
-def make_codec(cfg) -> Codec:
+def make_codec(cfg, seed: int = 0) -> Codec:
     """Build a codec from a ``CompressionConfig``."""
     name = getattr(cfg.name, "value", cfg.name)
     if name == "none":

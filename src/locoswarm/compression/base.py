@@ -4,8 +4,14 @@ A ``Codec`` turns one tensor into a ``Payload`` (``encode``) and back (``decode`
 exactly the number of bytes that would cross the network: ``len(payload.to_bytes())``. Shape and dtype are
 agreed by both ends from the parameter they belong to, so they are not part of the wire format.
 
-Codecs may keep state between rounds (error feedback residuals, PowerSGD's warm-started factor), so an
-averager holds one codec instance per (local worker, tensor); build them with ``make_codec``.
+The wire format of a payload is its buffers' raw bytes (native byte order, i.e. little-endian on every
+platform torch supports), concatenated in key order. ``Codec.layout(shape, dtype)`` says which buffers a
+payload for that tensor holds (key, dtype, element count), so a receiver can rebuild the payload from the raw
+bytes alone with ``Codec.payload_from_bytes``; ``Codec.wire_nbytes`` prices a tensor without encoding it.
+
+Codecs may keep state between rounds (error feedback residuals, PowerSGD's warm-started factor, the shared
+random-k index stream), so an averager holds one codec instance per (local worker, tensor); build them with
+``make_codec``. ``decode`` never changes a codec's state, and a malformed payload raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import torch
+
+# One wire buffer: (key, dtype, number of elements).
+BufferSpec = tuple[str, torch.dtype, int]
 
 
 @dataclass
@@ -37,6 +46,14 @@ class Payload:
         )
 
 
+def compression_ratio(payload: Payload) -> float:
+    """Achieved compression: wire bytes / the bytes of the same tensor in fp32 (1.0 for an empty tensor)."""
+    n = numel(payload.shape)
+    if n == 0:
+        return 1.0
+    return payload.nbytes / (n * 4)
+
+
 class Codec(ABC):
     """Encode/decode one tensor. ``lossless`` codecs promise decode(encode(t)) == t exactly."""
 
@@ -49,6 +66,66 @@ class Codec(ABC):
     @abstractmethod
     def decode(self, payload: Payload) -> torch.Tensor: ...
 
+    @abstractmethod
+    def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
+        """The buffers a payload for a tensor of this shape and dtype carries: (key, dtype, numel) each."""
+
+    def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+        """Bytes on the wire for one tensor of this shape and dtype (no encoding needed)."""
+        return sum(numel_ * _itemsize(dt) for _, dt, numel_ in self.layout(_shape(shape), dtype))
+
+    def wire_meta(self) -> dict:
+        """The agreed-by-both-ends meta of this codec's latest encode (what a received payload needs too)."""
+        return {}
+
+    def payload_from_bytes(
+        self,
+        buf: bytes | bytearray | memoryview,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        *,
+        device: torch.device | str | None = None,
+        meta: dict | None = None,
+    ) -> Payload:
+        """Rebuild a payload from its wire bytes (``Payload.to_bytes``) and the agreed shape and dtype.
+
+        ``meta`` defaults to this codec's ``wire_meta()``: a peer that encoded the same tensor this round
+        agrees on it (e.g. the random-k round). Only the length is checked here; ``decode`` checks the rest.
+        """
+        shape = _shape(shape)
+        specs = sorted(self.layout(shape, dtype))
+        raw = bytes(buf)
+        expected = sum(n * _itemsize(dt) for _, dt, n in specs)
+        if len(raw) != expected:
+            raise ValueError(
+                f"{self.name}: wire buffer has {len(raw)} bytes, expected {expected} for shape {shape} {dtype}"
+            )
+        flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        buffers: dict[str, torch.Tensor] = {}
+        offset = 0
+        for key, dt, n in specs:
+            size = n * _itemsize(dt)
+            # clone: a fresh, aligned storage per buffer, so .view(dtype) is always legal
+            buffers[key] = flat[offset : offset + size].clone().view(dt).to(device or "cpu")
+            offset += size
+        return Payload(buffers, shape, dtype, dict(self.wire_meta() if meta is None else meta))
+
+    def check_payload(self, payload: Payload) -> None:
+        """Raise ``ValueError`` unless the payload's buffers are exactly ``layout(shape, dtype)``."""
+        shape = _shape(payload.shape)
+        specs = {key: (dt, n) for key, dt, n in self.layout(shape, payload.dtype)}
+        if set(payload.buffers) != set(specs):
+            raise ValueError(
+                f"{self.name}: payload has buffers {sorted(payload.buffers)}, expected {sorted(specs)} for {shape}"
+            )
+        for key, (dt, n) in specs.items():
+            b = payload.buffers[key]
+            if b.dtype != dt or b.numel() != n:
+                raise ValueError(
+                    f"{self.name}: buffer {key!r} is {b.numel()} x {b.dtype}, expected {n} x {dt} "
+                    f"for shape {shape} {payload.dtype}"
+                )
+
 
 class NoCompression(Codec):
     """fp32 (or the tensor's own dtype) as is: the baseline every compression ratio is measured against."""
@@ -60,16 +137,59 @@ class NoCompression(Codec):
         return Payload({"values": tensor.detach().reshape(-1)}, tuple(tensor.shape), tensor.dtype)
 
     def decode(self, payload: Payload) -> torch.Tensor:
+        if set(payload.buffers) != {"values"}:
+            raise ValueError(f"none: payload has buffers {sorted(payload.buffers)}, expected ['values']")
         values = payload.buffers["values"]
-        if values.numel() != _numel(payload.shape):
+        if values.numel() != numel(payload.shape):
             raise ValueError(
-                f"payload has {values.numel()} values, expected {_numel(payload.shape)} for {payload.shape}"
+                f"payload has {values.numel()} values, expected {numel(payload.shape)} for {payload.shape}"
             )
         return values.reshape(payload.shape).to(payload.dtype)
 
+    def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
+        return [("values", dtype, numel(shape))]
 
-def _numel(shape: tuple[int, ...]) -> int:
+
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for s in shape:
         n *= s
     return n
+
+
+def _shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = tuple(int(s) for s in shape)
+    if any(s < 0 for s in out):
+        raise ValueError(f"invalid shape {shape}: negative size")
+    return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def require(ok: bool | torch.Tensor, codec: str, what: str) -> None:
+    """Raise a ``ValueError`` naming the codec unless ``ok`` (a bool or a one-element bool tensor)."""
+    if not bool(ok):
+        raise ValueError(f"{codec}: malformed payload: {what}")
+
+
+def flat_float(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as a 1-D fp32 tensor; a view when no copy is needed (e.g. a row of a stacked fp32 tensor)."""
+    return tensor.detach().reshape(-1).to(torch.float32)
+
+
+def blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A 1-D tensor zero-padded to whole blocks and viewed as (n_blocks, block_size)."""
+    n = x.numel()
+    nb = -(-n // block_size)
+    pad = nb * block_size - n
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad)])
+    return x.reshape(nb, block_size)
+
+
+def check_block_size(block_size: int) -> int:
+    if int(block_size) < 1:
+        raise ValueError(f"compression.block_size={block_size!r} is invalid: must be >= 1")
+    return int(block_size)

@@ -1,0 +1,81 @@
+"""In-process averaging for the ``sim`` backend: exact weighted means, bytes counted as if sent.
+
+Each local worker's contribution goes through its own codec (encode, count ``payload.nbytes``, decode), so
+lossy compression changes the numbers exactly as it would on a network, and the byte count is the real
+payload size priced by the network model's topology.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from locoswarm.comm.base import Averager, Round
+from locoswarm.compression import Codec
+from locoswarm.netsim import NetworkModel, wire_bytes
+
+
+class SimAverager(Averager):
+    def __init__(self, codec_factory: Callable[[int], Codec], network: NetworkModel):
+        """codec_factory(tensor_index) builds one codec; one is kept per (worker, tensor)."""
+        self.codec_factory = codec_factory
+        self.network = network
+        self._codecs: dict[tuple[int, int], Codec] = {}
+
+    def _codec(self, worker: int, index: int) -> Codec:
+        key = (worker, index)
+        if key not in self._codecs:
+            self._codecs[key] = self.codec_factory(index)
+        return self._codecs[key]
+
+    @torch.no_grad()
+    def average(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> Round:
+        weights = weights.to(torch.float64)
+        if weights.ndim != 1 or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"weights must be a non-negative (L,) vector with a positive sum, got {weights.tolist()}")
+        local = weights.numel()
+        # Normalise first: with one worker the share is exactly 1.0 and the mean is bit-identical to the input.
+        shares = (weights / weights.sum()).tolist()
+        payload_bytes = [0] * local
+        raw_bytes = 0
+        out = []
+        for i, stacked in enumerate(tensors):
+            if stacked.shape[0] != local:
+                raise ValueError(f"tensor {i} has leading dim {stacked.shape[0]}, expected {local} local workers")
+            acc = torch.zeros_like(stacked[0])
+            for w in range(local):
+                if shares[w] == 0.0:
+                    continue  # a masked (finished or dropped) worker contributes nothing and sends nothing
+                codec = self._codec(w, i)
+                payload = codec.encode(stacked[w])
+                payload_bytes[w] += payload.nbytes
+                acc.add_(codec.decode(payload), alpha=shares[w])
+            raw_bytes += stacked[0].numel() * 4
+            out.append(acc)
+        active = [b for b, s in zip(payload_bytes, shares, strict=True) if s > 0]
+        mean_payload = sum(active) / len(active)
+        sent, received = zip(*(self._wire(b) for b in active), strict=True)
+        return Round(
+            tensors=out,
+            group_size=len(active),
+            bytes_sent=sum(sent) / len(active),
+            bytes_received=sum(received) / len(active),
+            seconds=0.0,
+            compression_ratio=mean_payload / raw_bytes if raw_bytes else 1.0,
+            payload_bytes=mean_payload,
+            total_weight=float(weights.sum()),
+        )
+
+    def _wire(self, payload_bytes: float) -> tuple[float, float]:
+        return wire_bytes(self.network.topology, self.network.workers, payload_bytes)
+
+    def modelled_seconds(self, payload_bytes: float) -> float:
+        return self.network.round_seconds(payload_bytes)
+
+    def state_dict(self) -> dict:
+        # Codecs may carry state across rounds (error feedback, PowerSGD); they are plain picklable objects.
+        return {"codecs": self._codecs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._codecs = dict(state["codecs"])
