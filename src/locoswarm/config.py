@@ -50,13 +50,8 @@ class CompressionName(StrEnum):
     sign = "sign"
 
 
-class ModelPreset(StrEnum):
-    tiny = "tiny"
-    small = "small"
-    m60 = "60m"
-    m150 = "150m"
-    m400 = "400m"
-    custom = "custom"
+# Model presets are names, not an Enum: OmegaConf matches Enums by member name and "60m" is no identifier.
+MODEL_PRESETS = ("tiny", "small", "60m", "150m", "400m", "custom")
 
 
 class DataName(StrEnum):
@@ -158,8 +153,8 @@ class CompressionConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelPreset = ModelPreset.tiny
-    """Preset name; conf/model/<name>.yaml fills the shape below."""
+    name: str = "tiny"
+    """Preset name (tiny, small, 60m, 150m, 400m, or custom); conf/model/<name>.yaml fills the shape below."""
     n_layer: int = 4
     """Transformer blocks."""
     n_head: int = 4
@@ -356,6 +351,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.compression.block_size >= 1, "compression.block_size", cfg.compression.block_size, "must be >= 1")
     need(cfg.compression.rank >= 1, "compression.rank", cfg.compression.rank, "must be >= 1")
     m = cfg.model
+    need(m.name in MODEL_PRESETS, "model.name", m.name, f"allowed: {', '.join(MODEL_PRESETS)}")
     for key in ("n_layer", "n_head", "d_model", "seq_len"):
         v = getattr(m, key)
         need(v >= 1, f"model.{key}", v, "must be >= 1")

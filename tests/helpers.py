@@ -1,0 +1,50 @@
+"""Shared builders for tests: small, fast configs built from the dataclasses (no Hydra needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from locoswarm.checkpoint import load_checkpoint
+from locoswarm.config import Config
+
+
+def tiny_config(**overrides) -> Config:
+    """A ~30k-parameter GPT on synthetic data: a full run takes a second or two on CPU."""
+    cfg = Config()
+    cfg.data.name = "synthetic"
+    cfg.data.synthetic_tokens = 60_000
+    cfg.data.chunk_tokens = 1024
+    cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model, cfg.model.seq_len = 2, 2, 32, 32
+    cfg.train.batch_size = 4
+    cfg.train.max_steps = 12
+    cfg.train.warmup_steps = 2
+    cfg.train.log_interval = 2
+    cfg.train.eval_interval = 6
+    cfg.train.eval_batches = 2
+    cfg.train.progress = False
+    cfg.algorithm.inner_steps = 3
+    cfg.algorithm.warmup_sync_steps = 0
+    for dotted, value in overrides.items():
+        *path, leaf = dotted.split("__")
+        obj = cfg
+        for p in path:
+            obj = getattr(obj, p)
+        if not hasattr(obj, leaf):
+            raise AttributeError(f"no config key {dotted}")
+        setattr(obj, leaf, value)
+    return cfg
+
+
+def final_params(run_dir: Path, worker: int = 0) -> dict[str, torch.Tensor]:
+    """Worker params from the run's last checkpoint (train.checkpoint_every > 0 writes one at the end)."""
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    state = ckpt["group"]["workers"][worker]["model"]
+    return {k: v for k, v in state.items()}
+
+
+def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-30)).item() for k in a)
