@@ -19,7 +19,7 @@ from locoswarm.runlog import atomic_write_text
 
 def write_manifest(sweep_dir: Path) -> dict:
     jobs = []
-    for run_dir in sorted(p.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")):
+    for run_dir in sorted(p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")):
         summary_path = run_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []

@@ -298,7 +298,8 @@ def train(
             for i, losses in enumerate(report.losses):
                 s = step0 + i + 1
                 last = s == step
-                if not (s % cfg.train.log_interval == 0 or last and (report.outer_step or step >= max_steps)):
+                # Rows every log_interval steps, plus the end of every multi-step round (each diloco outer step).
+                if not (s % cfg.train.log_interval == 0 or last and (report.steps > 1 or step >= max_steps)):
                     continue
                 row: dict[str, Any] = {
                     "step": s,
@@ -322,7 +323,8 @@ def train(
                     if val_loss is not None:
                         row["val_loss"] = val_loss
                 runlog.log(row)
-            if val_loss is not None and step % cfg.train.log_interval != 0 and not report.outer_step:
+            logged_last = step % cfg.train.log_interval == 0 or report.steps > 1 or step >= max_steps
+            if val_loss is not None and not logged_last:
                 runlog.log({"step": step, "outer_step": counters.outer_steps, "tokens": counters.tokens,
                             "loss": float(np.mean(report.losses[-1])), "val_loss": val_loss})  # fmt: skip
 
