@@ -65,10 +65,27 @@ class Worker:
         self.params = list(self.model.parameters())
         self.step = 0
         self.tokens = 0
-        # Dropout draws from the global RNG; each worker keeps its own stream so workers differ but replay exactly.
-        g = torch.Generator().manual_seed(seed)
-        self._rng_state = g.get_state()
+        # Dropout draws from the global RNG of the model's device; each worker keeps its own stream so workers
+        # differ but replay exactly. Without dropout there is nothing to draw, and no RNG juggling per step.
+        self._uses_rng = model.shape.dropout > 0
+        self._rng_state = self._seeded_rng_state(seed) if self._uses_rng else None
         self._autocast = device.type == "cuda"
+
+    def _seeded_rng_state(self, seed: int) -> torch.Tensor:
+        outer = self._get_rng()
+        (torch.cuda.manual_seed if self.device.type == "cuda" else torch.manual_seed)(seed)
+        state = self._get_rng()
+        self._set_rng(outer)
+        return state
+
+    def _get_rng(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set_rng(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
     @property
     def tokens_per_step(self) -> int:
@@ -76,18 +93,24 @@ class Worker:
 
     def compute_grads(self) -> float:
         """Forward/backward on this worker's next batch; leaves gradients in ``.grad``. Returns the loss."""
+        return self._forward_backward().item()
+
+    def _forward_backward(self) -> torch.Tensor:
+        """The loss as a device tensor: reading it (a GPU sync) is left to the caller, once per phase."""
         x, y = self.sampler.next()
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        outer_rng = torch.get_rng_state()
-        torch.set_rng_state(self._rng_state)
+        if self._uses_rng:
+            outer_rng = self._get_rng()
+            self._set_rng(self._rng_state)
         try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 _, loss = self.model(x, y)
             loss.backward()
         finally:
-            self._rng_state = torch.get_rng_state()
-            torch.set_rng_state(outer_rng)
-        return loss.item()
+            if self._uses_rng:
+                self._rng_state = self._get_rng()
+                self._set_rng(outer_rng)
+        return loss.detach()
 
     def apply_grads(self) -> None:
         """Clip (per worker), inner optimiser step, schedule step."""
@@ -103,9 +126,9 @@ class Worker:
         """Run n local steps; returns their losses."""
         losses = []
         for _ in range(n):
-            losses.append(self.compute_grads())
+            losses.append(self._forward_backward())
             self.apply_grads()
-        return losses
+        return torch.stack(losses).tolist() if losses else []
 
     @torch.no_grad()
     def load_params(self, tensors: Sequence[torch.Tensor]) -> None:
