@@ -200,7 +200,10 @@ class BackendConfig:
     name: BackendName = BackendName.sim
     """sim: K workers in this process; torch: torch.distributed (torchrun); hivemind: a real DHT peer network."""
     execution: Execution = Execution.sequential
-    """sim only: run the K workers one after another, or as one vmapped batched model."""
+    """sim only: sequential (the K workers one after another), batched (one vmapped model over K-stacked
+    params and optimiser states; equal to sequential up to float32 rounding, dropout streams differ), or auto
+    (batched on CUDA when the estimated stacked state and activations fit in free GPU memory, else sequential;
+    the choice and its reason are logged)."""
 
 
 @dataclass
@@ -287,7 +290,6 @@ class Config:
 NOT_YET_AVAILABLE: dict[tuple[str, str], str] = {
     ("backend", "torch"): "the torch.distributed backend",
     ("backend", "hivemind"): "the hivemind peer-network backend",
-    ("backend.execution", "batched"): "batched (vmapped) simulation",
 }
 
 

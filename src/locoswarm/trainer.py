@@ -20,11 +20,12 @@ import torch
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from locoswarm.batched import BatchedWorkerGroup, resolve_execution
 from locoswarm.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from locoswarm.comm.base import Averager
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import make_codec
-from locoswarm.config import AlgorithmName, BackendName, Config, config_hash, to_dict, validate
+from locoswarm.config import AlgorithmName, BackendName, Config, Execution, config_hash, to_dict, validate
 from locoswarm.data import BatchSampler, build_token_data
 from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
@@ -140,7 +141,7 @@ def train(
     ranks = list(range(cfg.workers)) if ranks is None else list(ranks)
     counters = Counters()
     runlog: RunLog | None = None
-    group: WorkerGroup | None = None
+    group: WorkerGroup | BatchedWorkerGroup | None = None
     summary: dict[str, Any] = {}
 
     def make_summary(status: str, error: str | None = None) -> dict[str, Any]:
@@ -186,21 +187,39 @@ def train(
         # One init for everyone: every worker (and every peer on a network) starts from the same weights.
         torch.manual_seed(derive_seed(cfg.seed, "model"))
         base = GPT(shape)
-        workers = [
-            Worker(
-                rank=r,
-                model=copy.deepcopy(base),
-                sampler=BatchSampler(
-                    data.train_shards[r], cfg.train.batch_size, shape.seq_len, derive_seed(cfg.seed, "data", r)
-                ),
-                inner=cfg.inner_optimizer,
-                train=cfg.train,
-                device=device,
-                seed=derive_seed(cfg.seed, "dropout", r),
+        execution, why = resolve_execution(cfg, device, base.num_params(), len(ranks), data.vocab_size)
+        log.info("execution: %s (%s)", execution.value, why)
+        if execution == Execution.batched:
+            group = BatchedWorkerGroup(
+                ranks,
+                base,
+                [
+                    BatchSampler(
+                        data.train_shards[r], cfg.train.batch_size, shape.seq_len, derive_seed(cfg.seed, "data", r)
+                    )
+                    for r in ranks
+                ],
+                cfg.inner_optimizer,
+                cfg.train,
+                device,
+                seeds=[derive_seed(cfg.seed, "dropout", r) for r in ranks],
             )
-            for r in ranks
-        ]
-        group = WorkerGroup(workers)
+        else:
+            workers = [
+                Worker(
+                    rank=r,
+                    model=copy.deepcopy(base),
+                    sampler=BatchSampler(
+                        data.train_shards[r], cfg.train.batch_size, shape.seq_len, derive_seed(cfg.seed, "data", r)
+                    ),
+                    inner=cfg.inner_optimizer,
+                    train=cfg.train,
+                    device=device,
+                    seed=derive_seed(cfg.seed, "dropout", r),
+                )
+                for r in ranks
+            ]
+            group = WorkerGroup(workers)
         eval_model = copy.deepcopy(base).to(device)
         network = NetworkModel(cfg.network, cfg.workers)
         averager = averager or build_averager(cfg, network)
@@ -294,7 +313,7 @@ def train(
                 counters.last_eval_step = step
 
             per_step_tokens = comm.total_weight / report.steps
-            lr = workers[0].scheduler.get_last_lr()[0]
+            lr = group.lr
             for i, losses in enumerate(report.losses):
                 s = step0 + i + 1
                 last = s == step

@@ -154,6 +154,16 @@ class Worker:
         self.step, self.tokens, self._rng_state = s["step"], s["tokens"], s["rng"]
 
 
+def check_counts(n: int, counts: Sequence[int] | None, size: int) -> list[int]:
+    """Per-worker step counts for ``inner_steps``: default n for every worker; each must be in [0, n]."""
+    if counts is None:
+        return [n] * size
+    counts = [int(c) for c in counts]
+    if len(counts) != size or any(c < 0 or c > n for c in counts):
+        raise ValueError(f"counts={counts} is invalid: need one step count in [0, {n}] per local worker ({size})")
+    return counts
+
+
 class WorkerGroup:
     """The workers this process hosts, run one after another (``backend.execution=sequential``)."""
 
@@ -170,7 +180,13 @@ class WorkerGroup:
 
     @property
     def step(self) -> int:
-        return self.workers[0].step
+        """The furthest worker's inner step (all workers agree unless per-worker step counts were used)."""
+        return max(w.step for w in self.workers)
+
+    @property
+    def lr(self) -> float:
+        """The inner learning rate worker 0 uses for its next step."""
+        return self.workers[0].scheduler.get_last_lr()[0]
 
     def tokens_per_step(self) -> torch.Tensor:
         """(L,) tokens each worker processes per inner step."""
@@ -194,12 +210,18 @@ class WorkerGroup:
                 p.grad = g.clone()
             w.apply_grads()
 
-    def inner_steps(self, n: int) -> tuple[list[list[float]], list[float]]:
-        """n local steps on every worker: (losses [n][L], compute seconds (L,))."""
+    def inner_steps(self, n: int, counts: Sequence[int] | None = None) -> tuple[list[list[float]], list[float]]:
+        """n local steps on every worker: (losses [n][L], compute seconds (L,)).
+
+        counts: per-worker step counts (each in [0, n]; default n for all). Worker i runs only its first
+        counts[i] steps; it is masked for the rest (no batch drawn, params and optimiser state untouched) and
+        its losses for those steps are NaN.
+        """
+        counts = check_counts(n, counts, self.size)
         per_worker, seconds = [], []
-        for w in self.workers:
+        for w, c in zip(self.workers, counts, strict=True):
             t0 = time.perf_counter()
-            per_worker.append(w.inner_steps(n))
+            per_worker.append(w.inner_steps(c) + [math.nan] * (n - c))
             seconds.append(time.perf_counter() - t0)
         losses = [list(step) for step in zip(*per_worker, strict=True)]
         return losses, seconds
@@ -220,5 +242,10 @@ class WorkerGroup:
         return {"workers": [w.state_dict() for w in self.workers]}
 
     def load_state_dict(self, s: dict) -> None:
+        if "workers" not in s:
+            raise ValueError(
+                f"this group state was written by backend.execution={s.get('execution', '?')}; "
+                "resume with that execution mode (the checkpoint formats differ)"
+            )
         for w, ws in zip(self.workers, s["workers"], strict=True):
             w.load_state_dict(ws)
