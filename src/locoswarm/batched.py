@@ -188,10 +188,9 @@ class BatchedWorkerGroup:
         self._lr_fn = lr_lambda(train)
         self._steps = [0] * k
         self._tokens = [0] * k
-        self._seed = group_seed(seeds)
-        self._rng: dict[str, torch.Tensor] = {"cpu": torch.Generator().manual_seed(self._seed).get_state()}
-        if device.type == "cuda":
-            self._rng["cuda"] = torch.Generator(device=device).manual_seed(self._seed).get_state()
+        # Dropout draws from the global RNG of the device; the group keeps its own stream (none without dropout).
+        self._rng = torch.Generator(device=device).manual_seed(group_seed(seeds)).get_state()
+        self._uses_rng = self._model.shape.dropout > 0
         self._autocast = device.type == "cuda"
         self._seq_len = self._model.shape.seq_len
         self._dummy: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -248,17 +247,26 @@ class BatchedWorkerGroup:
     def _forward_backward(self, active: Sequence[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """One vmapped forward/backward: losses (K,) and grads [(K, *shape)] (masked rows are meaningless)."""
         x, y = self._batches(active)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(self._rng["cpu"])
-            if "cuda" in self._rng:
-                torch.cuda.set_rng_state(self._rng["cuda"], self.device)
+        if self._uses_rng:
+            outer_rng = self._get_rng()
+            self._set_rng(self._rng)
+        try:
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
                 grads, losses = self._fwd_bwd(dict(zip(self._names, self._params, strict=True)), x, y)
-            self._rng["cpu"] = torch.get_rng_state()
-            if "cuda" in self._rng:
-                self._rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        finally:
+            if self._uses_rng:
+                self._rng = self._get_rng()
+                self._set_rng(outer_rng)
         return losses.detach(), [grads[n] for n in self._names]
+
+    def _get_rng(self) -> torch.Tensor:
+        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+
+    def _set_rng(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
 
     def _apply(self, grads: list[torch.Tensor], active: Sequence[bool]) -> None:
         """Per-worker clip, inner optimiser step and schedule step for the active workers."""
@@ -334,7 +342,7 @@ class BatchedWorkerGroup:
             "samplers": [s.state_dict() for s in self.samplers],
             "steps": list(self._steps),
             "tokens": list(self._tokens),
-            "rng": {k: v.clone() for k, v in self._rng.items()},
+            "rng": self._rng.clone(),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -352,8 +360,7 @@ class BatchedWorkerGroup:
         for sampler, ss in zip(self.samplers, s["samplers"], strict=True):
             sampler.load_state_dict(ss)
         self._steps, self._tokens = list(s["steps"]), list(s["tokens"])
-        for key in self._rng:
-            self._rng[key] = s["rng"][key].clone()
+        self._rng = s["rng"].clone()
 
 
 # --- choosing the execution mode ---------------------------------------------------------------------------
