@@ -85,6 +85,12 @@ class Topology(StrEnum):
     gossip = "gossip"
 
 
+class StragglerKind(StrEnum):
+    none = "none"
+    lognormal = "lognormal"
+    fixed = "fixed"
+
+
 class LoggerName(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -103,6 +109,11 @@ class AlgorithmConfig:
     """H: inner steps per worker between two synchronisations (diloco)."""
     warmup_sync_steps: int = 0
     """Inner steps trained synchronously (like ddp) before the first local phase; the DiLoCo paper's warm start."""
+    time_budget: float | None = None
+    """diloco: seconds of modelled compute per inner phase, instead of a fixed H (null = fixed H). Worker i runs
+    floor(time_budget / t_i) steps, t_i = its modelled step time (network.step_seconds, or the measured median
+    step time, x its straggler slowdown / network.compute_speed), and the average weights workers by the tokens
+    they processed. With network.step_seconds null, the first phase runs inner_steps steps to measure t."""
 
 
 @dataclass
@@ -207,6 +218,35 @@ class BackendConfig:
 
 
 @dataclass
+class StragglerConfig:
+    kind: StragglerKind = StragglerKind.none
+    """none; lognormal: every (worker, round) draws a step-time multiplier exp(sigma * z), z ~ N(0, 1), so the
+    median worker is unaffected and a few are much slower; fixed: the listed workers are always factor x slower."""
+    sigma: float = 0.5
+    """lognormal: spread of the log slowdown."""
+    factor: float = 3.0
+    """fixed: the step-time multiplier of the listed workers (3.0 = one straggler at x3)."""
+    workers: list[int] = field(default_factory=lambda: [0])
+    """fixed: which workers straggle."""
+    seed: int | None = None
+    """Seed of the draws; null = derived from the run's seed. Fix it to replay the same slowdowns across seeds
+    and algorithms (draws depend only on (seed, worker, round))."""
+
+
+@dataclass
+class ChurnConfig:
+    absent: list[list[int]] = field(default_factory=list)
+    """Explicit drop-outs: [worker, a, b] entries, worker absent for sync rounds a..b-1 (a round is one averaging:
+    a diloco phase, a ddp step, a warm-up step; counted from 0). It rejoins at round b from the current anchor."""
+    drop_prob: float = 0.0
+    """Random drop-outs: the chance that a worker drops at a round (seeded, independent per (worker, round))."""
+    rejoin_after: int = 1
+    """Random drop-outs: rounds a dropped worker stays away (the drop round included)."""
+    seed: int | None = None
+    """Seed of the random drop-outs; null = derived from the run's seed."""
+
+
+@dataclass
 class NetworkConfig:
     name: str = "datacenter"
     """Preset name (conf/network/); prices each round for sim_seconds."""
@@ -221,7 +261,31 @@ class NetworkConfig:
     topology: Topology = Topology.ring
     """How a round's all-reduce is priced."""
     compute_speed: list[float] = field(default_factory=list)
-    """Per-worker compute speed multipliers (1.0 = as measured; 0.5 = half as fast); empty = all 1.0."""
+    """Per-worker compute speed multipliers (1.0 = as measured; 0.5 = half as fast); empty = all 1.0. Like every
+    per-worker list here it is a pattern: worker i uses entry i mod len, so a preset fits any workers=K."""
+    worker_uplink_mbps: list[float] = field(default_factory=list)
+    """Per-worker uplink in Mbit/s (cycled pattern); empty = uplink_mbps for every worker."""
+    worker_downlink_mbps: list[float] = field(default_factory=list)
+    """Per-worker downlink in Mbit/s (cycled pattern); empty = downlink_mbps for every worker."""
+    worker_latency_ms: list[float] = field(default_factory=list)
+    """Per-worker one-way latency in ms (cycled pattern); a message from i to j takes the mean of their two
+    figures. Empty = latency_ms for every worker."""
+    server_mbps: float | None = None
+    """topology=parameter_server: the server's link in Mbit/s, each direction; null = bandwidth_mbps."""
+    overlap: bool = False
+    """Price communication as overlapping compute (streaming / overlapped DiLoCo: the sync of round r runs during
+    the inner phase of round r+1): a round costs max(compute, comm) instead of compute + comm. Pricing only: the
+    algorithm still applies every update synchronously unless its strategy implements the delay."""
+    step_seconds: float | None = None
+    """Modelled seconds of one inner step at compute_speed 1.0; null = use the measured step time. Setting it
+    makes sim_seconds, compute_utilisation and time-budgeted step counts independent of this machine."""
+    wire_overhead: float = 0.0
+    """Extra on-wire bytes per payload byte (framing: Ethernet+IP+TCP headers and ACKs are ~0.07 at 1500-byte
+    MTU); charged to the transfer time. The reported bytes_sent stay payload bytes."""
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
+    """Seeded per-worker slowdowns of compute (see StragglerConfig)."""
+    churn: ChurnConfig = field(default_factory=ChurnConfig)
+    """Seeded drop-out and rejoin schedules (see ChurnConfig)."""
 
 
 @dataclass
@@ -388,12 +452,7 @@ def validate(cfg: Config) -> Config:
         list(n.compute_speed),
         "every entry must be > 0",
     )
-    need(
-        len(n.compute_speed) in (0, cfg.workers),
-        "network.compute_speed",
-        list(n.compute_speed),
-        f"needs one entry per worker (workers={cfg.workers}) or none",
-    )
+    _validate_network(cfg, need)
     need(
         cfg.logger.mode in ("offline", "online", "disabled"),
         "logger.mode",
@@ -413,6 +472,48 @@ def validate(cfg: Config) -> Config:
         if actual == value:
             raise ValueError(f"{key}={value} is not yet available: {what} has not landed in this version")
     return cfg
+
+
+def _validate_network(cfg: Config, need) -> None:
+    """Per-worker links, pricing knobs, stragglers, churn and time budgets (issue 5)."""
+    n, k = cfg.network, cfg.workers
+    for key in ("worker_uplink_mbps", "worker_downlink_mbps"):
+        v = list(getattr(n, key))
+        need(all(x > 0 for x in v), f"network.{key}", v, "every entry must be > 0")
+    need(all(x >= 0 for x in n.worker_latency_ms), "network.worker_latency_ms", list(n.worker_latency_ms), ">= 0")
+    need(n.server_mbps is None or n.server_mbps > 0, "network.server_mbps", n.server_mbps, "must be > 0 (or null)")
+    need(n.step_seconds is None or n.step_seconds > 0, "network.step_seconds", n.step_seconds, "must be > 0 or null")
+    need(n.wire_overhead >= 0, "network.wire_overhead", n.wire_overhead, "must be >= 0")
+    s = n.stragglers
+    need(s.sigma >= 0, "network.stragglers.sigma", s.sigma, "must be >= 0")
+    need(s.factor > 0, "network.stragglers.factor", s.factor, "must be > 0")
+    need(all(0 <= w < k for w in s.workers), "network.stragglers.workers", list(s.workers), f"ranks in [0, {k})")
+    c = n.churn
+    for entry in c.absent:
+        e = list(entry)
+        need(
+            len(e) == 3 and 0 <= e[0] < k and 0 <= e[1] < e[2],
+            "network.churn.absent",
+            e,
+            f"each entry is [worker, a, b] with worker in [0, {k}) and 0 <= a < b",
+        )
+    need(0 <= c.drop_prob < 1, "network.churn.drop_prob", c.drop_prob, "must be in [0, 1)")
+    need(c.rejoin_after >= 1, "network.churn.rejoin_after", c.rejoin_after, "must be >= 1")
+    faults = _enum_value(s.kind) != "none" or bool(c.absent) or c.drop_prob > 0
+    need(
+        not faults or _enum_value(cfg.backend.name) == "sim",
+        "network.stragglers/churn",
+        _enum_value(cfg.backend.name),
+        "simulated failures need backend=sim (real networks bring their own)",
+    )
+    tb = cfg.algorithm.time_budget
+    need(tb is None or tb > 0, "algorithm.time_budget", tb, "must be > 0 seconds (or null for a fixed H)")
+    need(
+        tb is None or _enum_value(cfg.algorithm.name) == "diloco",
+        "algorithm.time_budget",
+        tb,
+        "time-budgeted phases need algorithm=diloco",
+    )
 
 
 def to_dict(cfg: Any) -> Any:

@@ -27,6 +27,7 @@ from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import make_codec
 from locoswarm.config import AlgorithmName, BackendName, Config, Execution, config_hash, to_dict, validate
 from locoswarm.data import BatchSampler, build_token_data
+from locoswarm.faults import PhasePlanner
 from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
@@ -221,11 +222,13 @@ def train(
             ]
             group = WorkerGroup(workers)
         eval_model = copy.deepcopy(base).to(device)
-        network = NetworkModel(cfg.network, cfg.workers)
+        network = NetworkModel(cfg.network, cfg.workers, seed=cfg.seed)
+        # Who takes part in each round and for how many steps (churn, time budgets); priced by the network model.
+        planner = PhasePlanner(network, ranks, cfg.algorithm.inner_steps, cfg.algorithm.time_budget)
         averager = averager or build_averager(cfg, network)
         strategy: Strategy
         if AlgorithmName(cfg.algorithm.name) == AlgorithmName.ddp:
-            strategy = DDP(group, averager)
+            strategy = DDP(group, averager, planner=planner)
         else:
             anchor = [p.detach().clone() for p in group.params(0)]
             strategy = DiLoCo(
@@ -235,6 +238,7 @@ def train(
                 OuterOptimizer(anchor, cfg.outer_optimizer),
                 cfg.algorithm.inner_steps,
                 cfg.algorithm.warmup_sync_steps,
+                planner=planner,
             )
 
         resume_step = None
@@ -280,6 +284,7 @@ def train(
         tokens_at_start = counters.tokens
         while group.step < max_steps:
             step0, tokens0 = group.step, counters.tokens
+            planned = planner.round
             report = strategy.round(max_steps - step0)
             comm = report.comm
             counters.rounds += 1
@@ -288,14 +293,16 @@ def train(
             counters.bytes_sent += comm.bytes_sent
             counters.bytes_received += comm.bytes_received
             counters.compression_ratio = comm.compression_ratio
-            compute = network.phase_seconds(report.compute_seconds)
-            if isinstance(averager, SimAverager):
-                comm_seconds = averager.modelled_seconds(comm.payload_bytes)
-            else:
-                comm_seconds = comm.seconds
+            # Price the round as the strategy ran it (its plan: step counts, stragglers, who took part); a real
+            # backend's averaging is measured, the sim's is modelled. compute_seconds: busy time, for utilisation.
+            plan = planner.last if planner.round > planned else planner.unplanned(report.steps)
+            modelled = isinstance(averager, SimAverager)
+            measured_comm = None if modelled else comm.seconds
+            cost = network.price_round(plan, report.compute_seconds, comm.payload_bytes, measured_comm)
+            comm_seconds = cost.comm_seconds
             counters.comm_seconds += comm_seconds
-            counters.compute_seconds += compute
-            counters.sim_seconds += compute + comm_seconds
+            counters.compute_seconds += cost.busy_seconds
+            counters.sim_seconds += cost.seconds
             for k, v in (("bytes_sent", comm.bytes_sent), ("bytes_received", comm.bytes_received)):
                 since_row[k] += v
             since_row["comm_seconds"] += comm_seconds

@@ -55,7 +55,7 @@ class SimAverager(Averager):
             out.append(acc)
         active = [b for b, s in zip(payload_bytes, shares, strict=True) if s > 0]
         mean_payload = sum(active) / len(active)
-        sent, received = zip(*(self._wire(b) for b in active), strict=True)
+        sent, received = zip(*(self._wire(b, len(active)) for b in active), strict=True)
         return Round(
             tensors=out,
             group_size=len(active),
@@ -67,8 +67,9 @@ class SimAverager(Averager):
             total_weight=float(weights.sum()),
         )
 
-    def _wire(self, payload_bytes: float) -> tuple[float, float]:
-        return wire_bytes(self.network.topology, self.network.workers, payload_bytes)
+    def _wire(self, payload_bytes: float, group: int) -> tuple[float, float]:
+        # a masked (absent) worker is not part of the all-reduce: the group is the workers that take part
+        return wire_bytes(self.network.topology, group, payload_bytes)
 
     def modelled_seconds(self, payload_bytes: float) -> float:
         return self.network.round_seconds(payload_bytes)

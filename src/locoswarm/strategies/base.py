@@ -7,6 +7,7 @@ one synchronisation round at a time. It never knows which backend runs under it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +26,16 @@ class RoundReport:
     extras: dict = field(default_factory=dict)  # per-round diagnostics logged with the sync row
 
 
-def sync_step(group: WorkerGroup, averager: Averager) -> RoundReport:
-    """One synchronous data-parallel step: every worker's gradient, averaged (token-weighted), applied by all."""
+def sync_step(group: WorkerGroup, averager: Averager, counts: Sequence[int] | None = None) -> RoundReport:
+    """One synchronous data-parallel step: every worker's gradient, averaged (token-weighted), applied by all.
+
+    counts: per-worker 1 (takes part) or 0 (absent under churn: weight 0, its gradient is dropped; it still
+    applies the group's step, i.e. rejoins from the current params)."""
     losses, grads, seconds = group.compute_grads()
-    comm = averager.average(grads, group.tokens_per_step())
+    weights = group.tokens_per_step()
+    if counts is not None:
+        weights = weights * torch.tensor(counts, dtype=weights.dtype)
+    comm = averager.average(grads, weights)
     group.apply_grads(comm.tensors)
     return RoundReport(steps=1, losses=[losses], compute_seconds=seconds, comm=comm, outer_step=False)
 
