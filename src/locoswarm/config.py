@@ -215,6 +215,39 @@ class BackendConfig:
     params and optimiser states; equal to sequential up to float32 rounding, dropout streams differ), or auto
     (batched on CUDA when the estimated stacked state and activations fit in free GPU memory, else sequential;
     the choice and its reason are logged)."""
+    # --- backend=hivemind (one process per peer; see comm/hivemind.py and locoswarm-swarm) ---
+    initial_peers: list[str] = field(default_factory=list)
+    """hivemind: multiaddrs of live peers to bootstrap the DHT from; empty = this peer starts a new swarm and
+    prints its multiaddr."""
+    host_maddrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    """hivemind: where this peer listens (default loopback, any free port; use /ip4/0.0.0.0/tcp/PORT across machines)."""
+    announce_maddrs: list[str] = field(default_factory=list)
+    """hivemind: the addresses other peers should dial (e.g. a public IP behind NAT); empty = the host_maddrs."""
+    run_id: str = "locoswarm"
+    """hivemind: the DHT namespace of one run; peers with different run_ids never average together."""
+    matchmaking_time: float | None = None
+    """hivemind: how long the first peer ready for a round waits for the others (seconds); null = derived from
+    the measured arrival spread of earlier rounds (the first round waits one measured local phase)."""
+    min_matchmaking_time: float = 2.0
+    """hivemind: lower bound of the derived matchmaking window (seconds)."""
+    round_timeout: float | None = None
+    """hivemind: give up on a round's all-reduce after this many seconds; null = deadline_margin x the slowest
+    all-reduce measured so far (first_round_timeout before any was measured)."""
+    deadline_margin: float = 3.0
+    """hivemind: multiplier on measured round times when deriving deadlines."""
+    first_round_timeout: float = 120.0
+    """hivemind: the all-reduce allowance of the very first round only, when nothing has been measured yet."""
+    chunk_timeout: float = 20.0
+    """hivemind: a peer that sends nothing for this many seconds mid-all-reduce is dropped from the round
+    (liveness, per 512 KB part; a killed peer's closed connection is noticed immediately)."""
+    join_timeout: float | None = None
+    """hivemind: how long a joining peer waits to download the swarm's state; null = derived from the round
+    period the swarm advertises."""
+    # --- backend=torch (torch.distributed under torchrun) ---
+    dist_backend: str = "auto"
+    """torch: process-group backend: auto (nccl when training on CUDA, else gloo), gloo or nccl."""
+    dist_timeout: float = 600.0
+    """torch: seconds a collective may wait for the other ranks before the run fails."""
 
 
 @dataclass
@@ -351,10 +384,7 @@ class Config:
 
 
 # Options that are part of the public key space but belong to issues not landed yet.
-NOT_YET_AVAILABLE: dict[tuple[str, str], str] = {
-    ("backend", "torch"): "the torch.distributed backend",
-    ("backend", "hivemind"): "the hivemind peer-network backend",
-}
+NOT_YET_AVAILABLE: dict[tuple[str, str], str] = {}
 
 
 def _enum_value(x: Any) -> Any:
@@ -465,6 +495,7 @@ def validate(cfg: Config) -> Config:
         cfg.device,
         "allowed: auto, cpu, cuda, cuda:N",
     )
+    _validate_backend(cfg, need)
     for (key, value), what in NOT_YET_AVAILABLE.items():
         section, _, attr = key.partition(".")
         obj = getattr(cfg, section)
@@ -514,6 +545,42 @@ def _validate_network(cfg: Config, need) -> None:
         tb,
         "time-budgeted phases need algorithm=diloco",
     )
+
+
+def _validate_backend(cfg: Config, need) -> None:
+    """The real backends (hivemind, torch): one worker per process, exact averaging only (codecs: issue 4)."""
+    b = cfg.backend
+    name = _enum_value(b.name)
+    if name == "sim":
+        return
+    need(
+        _enum_value(cfg.compression.name) == "none",
+        "compression",
+        _enum_value(cfg.compression.name),
+        f"backend={name} averages exactly for now (compression=none); codecs on real backends land with issue 4",
+    )
+    need(
+        _enum_value(b.execution) != "batched",
+        "backend.execution",
+        _enum_value(b.execution),
+        f"backend={name} runs one worker per process (use sequential or auto)",
+    )
+    need(bool(b.run_id) and "." not in b.run_id, "backend.run_id", b.run_id, "must be non-empty without '.'")
+    for key in ("host_maddrs", "initial_peers", "announce_maddrs"):
+        v = list(getattr(b, key))
+        need(all(str(m).startswith("/") for m in v), f"backend.{key}", v, "each entry must be a multiaddr (/ip4/...)")
+    need(len(b.host_maddrs) >= 1, "backend.host_maddrs", list(b.host_maddrs), "needs at least one listen address")
+    for key in ("matchmaking_time", "round_timeout", "join_timeout"):
+        v = getattr(b, key)
+        need(v is None or v > 0, f"backend.{key}", v, "must be > 0 seconds (or null to derive it)")
+    need(b.min_matchmaking_time > 0, "backend.min_matchmaking_time", b.min_matchmaking_time, "must be > 0")
+    need(b.deadline_margin >= 1, "backend.deadline_margin", b.deadline_margin, "must be >= 1")
+    need(b.first_round_timeout > 0, "backend.first_round_timeout", b.first_round_timeout, "must be > 0")
+    need(b.chunk_timeout > 0, "backend.chunk_timeout", b.chunk_timeout, "must be > 0")
+    need(
+        b.dist_backend in ("auto", "gloo", "nccl"), "backend.dist_backend", b.dist_backend, "allowed: auto, gloo, nccl"
+    )
+    need(b.dist_timeout > 0, "backend.dist_timeout", b.dist_timeout, "must be > 0")
 
 
 def to_dict(cfg: Any) -> Any:

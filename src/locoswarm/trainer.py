@@ -85,7 +85,37 @@ def build_averager(cfg: Config, network: NetworkModel) -> Averager:
     backend = BackendName(cfg.backend.name)
     if backend == BackendName.sim:
         return SimAverager(codec_factory, network)
-    raise ValueError(f"backend={backend.value} is not yet available")
+    # The real backends host one worker per process and are built by their launchers, which pass averager= and
+    # ranks= to train(): locoswarm-swarm (hivemind) and torchrun locoswarm-train (torch, see cli/train.py).
+    launcher = {BackendName.hivemind: "locoswarm-swarm --peers N", BackendName.torch: "torchrun ... locoswarm-train"}
+    raise ValueError(f"backend={backend.value} runs one process per worker: start it with {launcher[backend]}")
+
+
+def swarm_state(group: WorkerGroup, strategy: Strategy, counters: Counters) -> dict[str, Any]:
+    """The run state a peer joining a real swarm takes from a live one at a round boundary (tensors, dicts and
+    numbers only: it is loaded with ``weights_only=True``). The data position and dropout stream stay the
+    joiner's own: its shard is its own."""
+    w = group.workers[0]
+    return {
+        "params": [p.detach().clone() for p in w.params],
+        "optimizer": w.optimizer.state_dict(),
+        "scheduler": w.scheduler.state_dict(),
+        "step": w.step,
+        "strategy": strategy.state_dict(),
+        "counters": {"outer_steps": counters.outer_steps, "rounds": counters.rounds},
+    }
+
+
+def load_swarm_state(state: dict[str, Any], group: WorkerGroup, strategy: Strategy, counters: Counters) -> None:
+    for w in group.workers:
+        w.load_params(state["params"])
+        w.optimizer.load_state_dict(state["optimizer"])
+        w.scheduler.load_state_dict(state["scheduler"])
+        w.step = state["step"]
+    strategy.load_state_dict(state["strategy"])
+    counters.outer_steps = state["counters"]["outer_steps"]
+    counters.rounds = state["counters"]["rounds"]
+    counters.last_eval_step = max(counters.last_eval_step, state["step"])
 
 
 class Counters:
@@ -262,6 +292,19 @@ def train(
             resume_step = group.step
             log.info("resumed from %s at step %d", run_dir / CHECKPOINT_NAME, resume_step)
 
+        # Real peer networks (backend=hivemind): the averager shares the run state with the swarm, as opaque bytes.
+        # A peer joining a running swarm starts from a live peer's state; every peer serves its own at round
+        # boundaries and reloads the swarm's after a missed round (see comm/hivemind.py).
+        swarm: Any = averager if hasattr(averager, "attach_run_state") else None
+        if swarm is not None:
+            if not isinstance(group, WorkerGroup):
+                raise ValueError(f"backend={cfg.backend.name} needs backend.execution=sequential")
+            swarm.attach_run_state(
+                lambda: swarm_state(group, strategy, counters),
+                lambda s: load_swarm_state(s, group, strategy, counters),
+                rounds=counters.rounds,
+            )
+
         runlog = RunLog(run_dir, cfg, resume_step=resume_step)
         log.info("%s | model %.2fM params | %s", data.description, base.num_params() / 1e6, device)
 
@@ -366,6 +409,8 @@ def train(
             every = cfg.train.checkpoint_every
             if every > 0 and report.outer_step and counters.outer_steps % every == 0:
                 checkpoint()
+            if swarm is not None:
+                swarm.round_boundary()  # serve state requests, publish progress, resync after a missed round
             if stop_after_step is not None and step >= stop_after_step and step < max_steps:
                 raise KeyboardInterrupt(f"stop_after_step={stop_after_step}")
         bar.close()
