@@ -41,7 +41,18 @@ def main(cfg: DictConfig) -> float | None:
         print(f"locoswarm-train: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = train(config, run_dir)
+    ranks, averager = None, None
+    if config.backend.name == "torch":
+        # Under torchrun: this process is one rank and hosts worker RANK (see comm/torch_dist.py).
+        from locoswarm.comm.torch_dist import TorchDistAverager
+
+        try:
+            averager = TorchDistAverager(config)
+        except ValueError as e:
+            print(f"locoswarm-train: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        ranks, run_dir = [averager.rank], averager.run_dir_for(run_dir)
+    summary = train(config, run_dir, ranks=ranks, averager=averager)
     log.info(
         "%s done: val_loss=%.4f tokens=%.3g bytes_sent=%.3g wall=%.1fs -> %s",
         config.name,
