@@ -101,5 +101,5 @@ class RunLog:
         if not self._f.closed:
             self._f.close()
         if self._wandb is not None:
-            self._wandb.finish(quiet=True)
+            self._wandb.finish()
             self._wandb = None

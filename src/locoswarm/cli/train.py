@@ -52,7 +52,13 @@ def main(cfg: DictConfig) -> float | None:
             print(f"locoswarm-train: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         ranks, run_dir = [averager.rank], averager.run_dir_for(run_dir)
-    summary = train(config, run_dir, ranks=ranks, averager=averager)
+    try:
+        summary = train(config, run_dir, ranks=ranks, averager=averager)
+    except KeyboardInterrupt:
+        # The trainer already wrote summary.json (status failed, "interrupted"); leave without a stack trace.
+        print(f"\nlocoswarm-train: interrupted; run dir {run_dir} (resume=true continues from its checkpoint)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
     log.info(
         "%s done: val_loss=%.4f tokens=%.3g bytes_sent=%.3g wall=%.1fs -> %s",
         config.name,
