@@ -57,8 +57,17 @@ def run_peer(argv: list[str]) -> int:
     p.add_argument("--expect", type=int, default=None, help="peers launched together (they start together)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    # hivemind's background processes (DHT, averagers) and its own logger write to fd 2, including tracebacks of
+    # rounds cut short on purpose (Ctrl+C, a dead groupmate). They go to <run dir>/hivemind.log; this peer's own
+    # log lines (rounds, group sizes, failures, joins) stay on the terminal.
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    hivemind_log = open(args.out / "hivemind.log", "a", buffering=1)  # noqa: SIM115 - lives as long as the process
+    os.dup2(hivemind_log.fileno(), 2)
     logging.basicConfig(
-        level=logging.INFO, format=f"[peer-{args.index}] %(asctime)s %(name)s %(levelname)s: %(message)s"
+        stream=terminal,
+        level=logging.INFO,
+        format=f"[peer-{args.index}] %(asctime)s %(name)s %(levelname)s: %(message)s",
     )
     from locoswarm.comm.hivemind import HivemindAverager
     from locoswarm.runlog import atomic_write_text
@@ -67,15 +76,14 @@ def run_peer(argv: list[str]) -> int:
     try:
         cfg = compose_config(args.overrides)
     except ValueError as e:
-        print(f"locoswarm-swarm: error: {e}", file=sys.stderr)
+        print(f"locoswarm-swarm: error: {e}", file=terminal)
         return 2
     if args.rank is not None and not 0 <= args.rank < cfg.workers:
-        print(f"locoswarm-swarm: error: --rank {args.rank} is outside workers={cfg.workers}", file=sys.stderr)
+        print(f"locoswarm-swarm: error: --rank {args.rank} is outside workers={cfg.workers}", file=terminal)
         return 2
     # The bootstrap address is runtime wiring, like a port: it is not part of the run's config (or its hash).
     backend = dataclasses.replace(cfg.backend, initial_peers=args.initial_peer or list(cfg.backend.initial_peers))
     run_dir = args.out
-    run_dir.mkdir(parents=True, exist_ok=True)
     averager = None
     try:
         averager = HivemindAverager(backend, workers=cfg.workers, rank=args.rank, expected_peers=args.expect)
@@ -194,10 +202,11 @@ class Supervisor:
             time.sleep(0.2)
         codes = {n: p.returncode for n, (p, _) in self.peers.items()}
         bad = {n: c for n, c in codes.items() if c != 0}
+        if self.interrupted:
+            print("locoswarm-swarm: interrupted; each peer's summary.json records its status", file=sys.stderr)
+            return 130
         if bad:
             print(f"locoswarm-swarm: peers that did not finish ok: {bad}", file=sys.stderr)
-        if self.interrupted:
-            return 130
         return 0 if not bad else 1
 
 
