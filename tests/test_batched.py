@@ -326,3 +326,27 @@ def test_auto_on_cpu_runs_sequential(tmp_path, caplog):
     summary = train(tiny_config(workers=2, train__max_steps=3, device="cpu", backend__execution="auto"), tmp_path)
     assert summary["status"] == "ok"
     assert any("execution: sequential (auto: device=cpu" in r.getMessage() for r in caplog.records)
+
+
+def test_time_budget_stragglers_and_churn_batched_equals_sequential(tmp_path):
+    """The trainer's time-budgeted phases drive the masking: a x2 straggler runs half the steps, an absent worker
+    none; both execution modes give the same per-worker step counts, losses and result."""
+
+    def run(execution):
+        cfg = tiny_config(workers=4, algorithm__inner_steps=4, algorithm__time_budget=0.04, train__max_steps=12,
+                          backend__execution=execution, train__checkpoint_every=1)  # fmt: skip
+        cfg.network.step_seconds = 0.01
+        cfg.network.stragglers.kind = "fixed"
+        cfg.network.stragglers.factor = 2.0
+        cfg.network.stragglers.workers = [0]
+        cfg.network.churn.absent = [[2, 1, 2]]  # worker 2 misses round 1
+        rounds = []
+        summary = train(cfg, tmp_path / execution, on_round=lambda r, _: rounds.append((r.extras, r.losses)))
+        return summary, rounds
+
+    (s_sum, s_rounds), (b_sum, b_rounds) = run("sequential"), run("batched")
+    assert [e.get("worker_steps") for e, _ in b_rounds] == [e.get("worker_steps") for e, _ in s_rounds]
+    assert b_rounds[1][0]["worker_steps"] == [2, 4, 0, 4]  # the straggler ran half, the absent worker nothing
+    for (_, lb), (_, ls) in zip(b_rounds, s_rounds, strict=True):
+        assert_losses_close(lb, ls)
+    assert abs(b_sum["final_val_loss"] - s_sum["final_val_loss"]) <= REL * s_sum["final_val_loss"]
