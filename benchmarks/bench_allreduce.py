@@ -1,0 +1,243 @@
+"""All-reduce round time on an emulated 100 Mbit/s network: locoswarm's hivemind averager vs raw hivemind
+``DecentralizedAverager`` vs a gloo ``all_reduce`` of the same tensor, against the bandwidth bound 2(N-1)/N * S/B.
+
+    sudo .venv/bin/python benchmarks/bench_allreduce.py            # 2 and 4 peers, 50 MB
+    sudo .venv/bin/python benchmarks/bench_allreduce.py --mb 100 --peers 2
+
+Root only. It builds its own network namespaces (named ``lsbench<pid>-*``): one per peer plus one holding a
+Linux bridge; each peer is wired to the bridge by a veth pair shaped with ``tc qdisc ... tbf rate 100mbit`` in
+both directions (peer egress = uplink, bridge-side egress = downlink); netem is not needed. Nothing leaves the
+namespaces (they have no default route). Everything is torn down by name on exit, error or Ctrl+C.
+
+Per method and peer count it runs two rounds (the first also opens connections) and reports, per round, the
+slowest peer's time from a common barrier to holding the average (hivemind: matchmaking included), and
+bound / measured (1.0 = the link is saturated in both directions for the whole round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RATE_MBIT = 100.0
+PREFIX = f"lsbench{os.getpid()}"
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True)
+
+
+# ---------------------------------------------------------------------------------------------- network
+class Testbed:
+    """N namespaces on a shaped bridge: peer i is 10.77.<net>.<i+1>."""
+
+    def __init__(self, peers: int, net: int):
+        self.peers, self.net = peers, net
+        self.bridge_ns = f"{PREFIX}-br{net}"
+        self.names = [f"{PREFIX}-n{net}p{i}" for i in range(peers)]
+
+    def ip(self, i: int) -> str:
+        return f"10.77.{self.net}.{i + 1}"
+
+    def up(self) -> None:
+        sh("ip", "netns", "add", self.bridge_ns)
+        sh("ip", "-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "br0", "up")
+        sh("ip", "-n", self.bridge_ns, "link", "set", "lo", "up")
+        for i, ns in enumerate(self.names):
+            sh("ip", "netns", "add", ns)
+            peer_side, bridge_side = f"lsb{self.net}p{i}", f"lsb{self.net}b{i}"
+            sh("ip", "link", "add", peer_side, "type", "veth", "peer", "name", bridge_side)
+            sh("ip", "link", "set", peer_side, "netns", ns)
+            sh("ip", "link", "set", bridge_side, "netns", self.bridge_ns)
+            sh("ip", "-n", ns, "link", "set", peer_side, "name", "eth0")
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "-n", self.bridge_ns, "link", "set", bridge_side, "master", "br0")
+            sh("ip", "-n", self.bridge_ns, "link", "set", bridge_side, "up")
+            # Shape both directions: the peer's egress (uplink) and the bridge port's egress (downlink). A burst
+            # well above a GSO super-packet (64 KB) so tbf never drops a packet for being larger than the bucket.
+            tbf = ["root", "tbf", "rate", f"{RATE_MBIT:g}mbit", "burst", "256kb", "latency", "50ms"]
+            sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)
+            sh("ip", "netns", "exec", self.bridge_ns, "tc", "qdisc", "add", "dev", bridge_side, *tbf)
+
+    def down(self) -> None:
+        for ns in [*self.names, self.bridge_ns]:
+            sh("ip", "netns", "del", ns, check=False)  # deleting a namespace deletes its veth ends and qdiscs
+
+
+def cleanup_all() -> None:
+    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if name.startswith(PREFIX + "-"):
+            sh("ip", "netns", "del", name, check=False)
+
+
+# ---------------------------------------------------------------------------------------------- one peer
+def worker(args: argparse.Namespace) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format=f"[rank {args.rank}] %(asctime)s %(name)s: %(message)s")
+    rank, world = args.rank, args.world
+    os.environ.update(MASTER_ADDR=args.master, MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ["GLOO_SOCKET_IFNAME"] = "eth0"  # the shaped link, not the namespace's loopback
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
+    numel = int(args.mb * 1e6) // 4
+    gen = torch.Generator().manual_seed(rank)
+    data = torch.randn(numel, generator=gen)
+    results: dict[str, list[float]] = {}
+
+    def timed(name: str, fn) -> None:
+        for _ in range(2):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            results.setdefault(name, []).append(time.perf_counter() - t0)
+
+    # gloo ring all-reduce of the same tensor.
+    buf = data.clone()
+    timed("gloo all_reduce", lambda: dist.all_reduce(buf))
+
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.compression import NoCompression
+    from hivemind.dht import DHT
+
+    def dht_for(tag: str) -> DHT:
+        maddrs: list = [None]
+        if rank == 0:
+            node = DHT(start=True, host_maddrs=[f"/ip4/{args.ip}/tcp/0"])
+            maddrs = [[str(m) for m in node.get_visible_maddrs()]]
+        dist.broadcast_object_list(maddrs, src=0)
+        if rank != 0:
+            node = DHT(start=True, host_maddrs=[f"/ip4/{args.ip}/tcp/0"], initial_peers=maddrs[0])
+        return node
+
+    # Raw hivemind: DecentralizedAverager.step() with a full group (it starts as soon as all N have joined).
+    dht = dht_for("raw")
+    raw = DecentralizedAverager(
+        [data.clone()],
+        dht,
+        start=True,
+        prefix="bench_raw",
+        target_group_size=world,
+        min_matchmaking_time=2.0,
+        request_timeout=1.0,
+        compression=NoCompression(),
+    )
+    timed("hivemind DecentralizedAverager", lambda: raw.step(timeout=300))
+    raw.shutdown()
+    dht.shutdown()
+
+    # locoswarm's averager (the backend=hivemind round: matchmaking key per round, agreement check, copies).
+    from locoswarm.comm.hivemind import HivemindAverager
+    from locoswarm.config import BackendConfig
+
+    maddrs: list = [None]
+    cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id="benchls")
+    if rank == 0:
+        ours = HivemindAverager(cfg, workers=world, rank=rank)
+        maddrs = [ours.maddrs]
+    dist.broadcast_object_list(maddrs, src=0)
+    if rank != 0:
+        cfg.initial_peers = maddrs[0]
+        ours = HivemindAverager(cfg, workers=world, rank=rank)
+    weight = torch.ones(1)
+    stacked = [data.clone().unsqueeze(0)]
+    groups: list[int] = []
+    timed("locoswarm hivemind averager", lambda: groups.append(ours.average(stacked, weight).group_size))
+    ours.close()
+    results["_groups"] = [float(g) for g in groups]
+    Path(args.out).write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def run(peers: int, mb: float, tmp: Path) -> dict[str, list[float]]:
+    bed = Testbed(peers, net=peers)
+    procs: list[subprocess.Popen] = []
+    try:
+        bed.up()
+        port = 29500 + peers
+        for i, ns in enumerate(bed.names):
+            out = tmp / f"n{peers}-r{i}.json"
+            cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--worker", "--rank", str(i)]
+            cmd += ["--world", str(peers), "--master", bed.ip(0), "--port", str(port), "--ip", bed.ip(i)]
+            cmd += ["--mb", str(mb), "--out", str(out)]
+            log = open(tmp / f"n{peers}-r{i}.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        end = time.monotonic() + 900
+        while any(p.poll() is None for p in procs) and time.monotonic() < end:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.5)
+        bad = sorted(range(peers), key=lambda i: procs[i].poll() in (None, 0))  # crashed peers first
+        bad = [i for i in bad if procs[i].poll() != 0]
+        if bad:
+            tail = (tmp / f"n{peers}-r{bad[0]}.log").read_text()[-3000:]
+            raise RuntimeError(f"{peers} peers: peer {bad[0]} failed or timed out:\n{tail}")
+        per_peer = [json.loads((tmp / f"n{peers}-r{i}.json").read_text()) for i in range(peers)]
+        return {k: [max(p[k][r] for p in per_peer) for r in range(len(per_peer[0][k]))] for k in per_peer[0]}
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+        bed.down()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--peers", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--mb", type=float, default=50.0, help="tensor size in MB (fp32)")
+    p.add_argument("--logs", type=Path, default=None, help="keep each peer's log in this folder")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for a in ("--rank", "--world", "--port"):
+        p.add_argument(a, type=int, help=argparse.SUPPRESS)
+    for a in ("--master", "--ip", "--out"):
+        p.add_argument(a, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    if os.geteuid() != 0:
+        sys.exit("bench_allreduce: needs root (network namespaces and tc)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: (cleanup_all(), sys.exit(130)))
+    size = args.mb * 1e6
+    print(f"tensor {args.mb:g} MB fp32, links {RATE_MBIT:g} Mbit/s each way (tc tbf), bound = 2(N-1)/N * S/B")
+    print(f"{'peers':>5}  {'method':<32} {'bound s':>8} {'round 1 s':>10} {'round 2 s':>10} {'bound/round 2':>14}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lsbench") as d:
+            for n in args.peers:
+                if args.logs is not None:
+                    args.logs.mkdir(parents=True, exist_ok=True)
+                res = run(n, args.mb, args.logs or Path(d))
+                bound = 2 * (n - 1) / n * size * 8 / (RATE_MBIT * 1e6)
+                for name, times in res.items():
+                    if name.startswith("_"):
+                        continue
+                    print(
+                        f"{n:>5}  {name:<32} {bound:>8.2f} {times[0]:>10.2f} {times[1]:>10.2f} {bound / times[1]:>14.2f}"
+                    )
+                print(f"{n:>5}  (locoswarm group sizes: {[int(g) for g in res['_groups']]})")
+    finally:
+        cleanup_all()
+
+
+if __name__ == "__main__":
+    main()
