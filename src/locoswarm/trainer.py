@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -116,6 +117,12 @@ def load_swarm_state(state: dict[str, Any], group: WorkerGroup, strategy: Strate
     counters.outer_steps = state["counters"]["outer_steps"]
     counters.rounds = state["counters"]["rounds"]
     counters.last_eval_step = max(counters.last_eval_step, state["step"])
+
+
+def mean_active(losses: Sequence[float]) -> float:
+    """Mean loss over the workers that stepped (a masked worker's loss is NaN for the steps it sat out)."""
+    active = [x for x in losses if not math.isnan(x)]
+    return sum(active) / len(active) if active else math.nan
 
 
 class Counters:
@@ -374,7 +381,7 @@ def train(
                     "step": s,
                     "outer_step": counters.outer_steps if last else counters.outer_steps - int(report.outer_step),
                     "tokens": tokens0 + per_step_tokens * (i + 1),
-                    "loss": float(np.mean(losses)),
+                    "loss": mean_active(losses),
                 }
                 if len(losses) > 1:
                     row["worker_loss"] = losses
@@ -395,14 +402,14 @@ def train(
             logged_last = step % cfg.train.log_interval == 0 or report.steps > 1 or step >= max_steps
             if val_loss is not None and not logged_last:
                 runlog.log({"step": step, "outer_step": counters.outer_steps, "tokens": counters.tokens,
-                            "loss": float(np.mean(report.losses[-1])), "val_loss": val_loss})  # fmt: skip
+                            "loss": mean_active(report.losses[-1]), "val_loss": val_loss})  # fmt: skip
 
             if on_round is not None:
                 on_round(report, step)
             elapsed = time.time() - loop_start
             bar.update(step - step0)
             bar.set_postfix(
-                loss=f"{np.mean(report.losses[-1]):.3f}",
+                loss=f"{mean_active(report.losses[-1]):.3f}",
                 val=f"{counters.val_loss:.3f}" if counters.val_loss is not None else "-",
                 tok_s=f"{(counters.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f}",
             )
