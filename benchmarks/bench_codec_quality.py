@@ -1,0 +1,79 @@
+"""Quality vs bytes: one tiny-model DiLoCo run per codec (sim backend, same seed and data), final val loss
+against the bytes each worker sent, as a markdown table.
+
+    python benchmarks/bench_codec_quality.py [--steps 300] [--workers 4] [--out runs/codec_quality]
+
+Every row is a full training run through the same harness `locoswarm-train` uses; the run dirs are kept
+under --out so the numbers can be re-read with `locoswarm.analysis.load_runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from locoswarm.config import Config
+from locoswarm.trainer import train
+
+CODECS = [
+    ("none", {}),
+    ("fp16", {}),
+    ("bf16", {}),
+    ("int8", {}),
+    ("int4", {}),
+    ("sign", {"error_feedback": True}),
+    ("topk", {"ratio": 0.1}),
+    ("topk", {"ratio": 0.1, "error_feedback": True}),
+    ("randomk", {"ratio": 0.1, "error_feedback": True}),
+    ("powersgd", {"rank": 4, "error_feedback": True}),
+]
+
+
+def config(args, name: str, extra: dict) -> Config:
+    cfg = Config()
+    cfg.data.name = args.data
+    cfg.workers = args.workers
+    cfg.train.max_steps = args.steps
+    cfg.train.batch_size = args.batch
+    cfg.train.eval_interval = args.steps
+    cfg.train.progress = False
+    cfg.algorithm.inner_steps = args.inner_steps
+    cfg.algorithm.warmup_sync_steps = args.warmup
+    cfg.inner_optimizer.lr = 3e-3
+    cfg.compression.name = name
+    for k, v in extra.items():
+        setattr(cfg.compression, k, v)
+    cfg.name = name + "".join(f"-{k}={v}" for k, v in extra.items())
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--inner-steps", type=int, default=25)
+    # No synchronous warm-up by default: every byte in the table is a compressed pseudo-gradient.
+    ap.add_argument("--warmup", type=int, default=0)
+    ap.add_argument("--data", default="shakespeare")
+    ap.add_argument("--out", default="runs/codec_quality")
+    args = ap.parse_args()
+
+    rows = []
+    for name, extra in CODECS:
+        cfg = config(args, name, extra)
+        s = train(cfg, Path(args.out) / cfg.name.replace("=", "").replace(".", "p"))
+        rows.append((cfg.name, s["final_val_loss"], s["bytes_sent_total"], s["compression_ratio"]))
+        print(f"{cfg.name:<36} val {s['final_val_loss']:.4f}  sent {s['bytes_sent_total'] / 1e6:8.2f} MB", flush=True)
+    base_loss, base_bytes = rows[0][1], rows[0][2]
+    print(f"\nDiLoCo, tiny GPT, {args.workers} workers, H={args.inner_steps}, {args.steps} steps "
+          f"({args.warmup} synchronous warm-up steps), data={args.data}\n")  # fmt: skip
+    print("| codec | final val loss | Δ vs none | MB sent / worker | bytes vs none | payload ratio (last round) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, loss, sent, ratio in rows:
+        print(f"| {name} | {loss:.4f} | {loss - base_loss:+.4f} | {sent / 1e6:.2f} | {sent / base_bytes:.3f} | "
+              f"{ratio:.4f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
