@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${LOCOSWARM_VENV:-.venv}
 
+# The emulated-WAN testbed (locoswarm-netem, its tests and benchmarks) needs ip and tc; as root we can add them.
+if [ "$(id -u)" = 0 ] && ! command -v tc >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing iproute2 (ip, tc) for the network testbed"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux) >/dev/null \
+        || echo "[setup] could not install iproute2; netem tests will report it"
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
@@ -25,10 +32,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         torch_spec="torch==2.13.0"               # CPU machine: the small CPU build
     fi
     echo "[setup] installing $torch_spec"
-    "$PY" -m pip install -q "$torch_spec"
+    "$PY" -m pip install -q "$torch_spec" 2> >(grep -v "is ignored: it is neither" >&2)
 fi
 echo "[setup] installing locoswarm[dev,notebooks] into $VENV"
-"$PY" -m pip install -q -e ".[dev,notebooks]"
+"$PY" -m pip install -q -e ".[dev,notebooks]" 2> >(grep -v "is ignored: it is neither" >&2)
 "$PY" -m ipykernel install --sys-prefix --name python3 >/dev/null 2>&1 || true
 rm -f "$VENV"/.setup-*
 touch "$stamp"
