@@ -52,8 +52,8 @@ def comparison_table(df: pd.DataFrame) -> str:
         f"{'run':<24} {'val loss':>9} {'tokens':>10} {'syncs':>6} {'MB sent/worker':>15} {'wall s':>8} {'status':>7}"
     )
     lines = [header, "-" * len(header)]
-    for _, r in df[[c for c in cols if c in df.columns]].iterrows():
-        val = r.get("final_val_loss")
+    for _, r in df[[c for c in cols if c in df.columns]].fillna({c: 0 for c in cols[2:-1]}).iterrows():
+        val = r.get("final_val_loss")  # a job that failed before training has only status and error
         lines.append(
             f"{str(r.get('name', '?')):<24} {'-' if pd.isna(val) else f'{val:9.4f}':>9} {r.get('tokens', 0):>10.3g} "
             f"{int(r.get('outer_steps', 0)):>6} {r.get('bytes_sent_total', 0) / 1e6:>15.2f} "

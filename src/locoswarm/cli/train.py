@@ -2,6 +2,7 @@
 
 locoswarm-train algorithm=diloco workers=4 algorithm.inner_steps=50 compression=int8 train.max_steps=200
 locoswarm-train -m algorithm=ddp,diloco          # a sweep; prints a comparison table at the end
+locoswarm-train -m experiment=h_sweep            # a study from conf/experiment/; re-running skips finished runs
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from locoswarm.config import Config, validate
+from locoswarm.config import Config, config_hash, validate
+from locoswarm.sweep import finished_summary, in_multirun, record_failure
 
 CONF_DIR = os.environ.get("LOCOSWARM_CONF") or str(Path(__file__).resolve().parents[3] / "conf")
 
@@ -39,8 +41,14 @@ def main(cfg: DictConfig) -> float | None:
         config = to_config(cfg)
     except ValueError as e:
         print(f"locoswarm-train: error: {e}", file=sys.stderr)
+        if in_multirun():  # one bad grid point must not stop the sweep: record it and go on
+            record_failure(HydraConfig.get().runtime.output_dir, f"ValueError: {e}", cfg)
+            return None
         raise SystemExit(2) from None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if in_multirun() and (done := finished_summary(run_dir, config_hash(config))) is not None:
+        log.info("%s already finished (status ok, same config_hash) in %s: skipped", config.name, run_dir)
+        return done["final_val_loss"]
     ranks, averager = None, None
     if config.backend.name == "torch":
         # Under torchrun: this process is one rank and hosts worker RANK (see comm/torch_dist.py).
@@ -59,6 +67,12 @@ def main(cfg: DictConfig) -> float | None:
         print(f"\nlocoswarm-train: interrupted; run dir {run_dir} (resume=true continues from its checkpoint)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
+    except Exception as e:
+        if not in_multirun():
+            raise
+        # train() already wrote summary.json with status=failed; the sweep's manifest reports it.
+        log.exception("%s failed (%s: %s); the sweep goes on", config.name, type(e).__name__, e)
+        return None
     log.info(
         "%s done: val_loss=%.4f tokens=%.3g bytes_sent=%.3g wall=%.1fs -> %s",
         config.name,
