@@ -232,7 +232,7 @@ def test_late_joiner_gets_the_swarms_state(tmp_path, swarms):
     assert j["outer_steps"] == s0["outer_steps"] == 30
     assert j["steps"] == s0["steps"] == 90
     rows = sync_rows(tmp_path / "joiner")
-    assert rows and rows[-1]["group_size"] == 3, rows
+    assert any(r["group_size"] == 3 for r in rows), rows  # it averaged with both swarm peers
     ref = anchor_and_params(tmp_path / "swarm" / "peer-0")
     assert max_rel_diff(anchor_and_params(tmp_path / "swarm" / "peer-1"), ref) <= 1e-5
     assert max_rel_diff(anchor_and_params(tmp_path / "joiner"), ref) <= 1e-5

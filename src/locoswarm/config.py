@@ -232,7 +232,7 @@ class BackendConfig:
     """hivemind: lower bound of the derived matchmaking window (seconds)."""
     round_timeout: float | None = None
     """hivemind: give up on a round's all-reduce after this many seconds; null = deadline_margin x the slowest
-    all-reduce measured so far (first_round_timeout before any was measured)."""
+    all-reduce measured so far, at least chunk_timeout (first_round_timeout before any was measured)."""
     deadline_margin: float = 3.0
     """hivemind: multiplier on measured round times when deriving deadlines."""
     first_round_timeout: float = 120.0

@@ -14,19 +14,24 @@ Rounds
     ``NoCompression`` explicitly: the average must match the ``sim`` backend to float32 rounding.
 
 Deadlines (``RoundClock``)
-    Nothing a user must guess: the window is ``deadline_margin`` x the largest arrival spread measured so far
-    (first round: the duration of our own first local phase), at least ``min_matchmaking_time``; the
-    all-reduce allowance is ``deadline_margin`` x the slowest all-reduce measured so far (``first_round_timeout``
-    before the first). ``matchmaking_time`` / ``round_timeout`` override them.
+    Nothing a user must guess: the window is ``deadline_margin`` x the arrival spread measured within groups
+    (it jumps up with a larger spread and decays 0.8x per round; a missed round or a group that left live peers
+    out doubles it), at least ``min_matchmaking_time`` and at most one round period. The first round waits
+    ``deadline_margin`` x our own first phase (peers launched together by ``locoswarm-swarm`` also start
+    training together). The all-reduce allowance is ``deadline_margin`` x the slowest all-reduce measured so
+    far (``first_round_timeout`` before the first). ``matchmaking_time`` / ``round_timeout`` override them.
 
 Failures
     ``DecentralizedAverager.step`` raises on failure (its docstring says it returns None) and, worse, a peer that
-    dies mid-all-reduce makes the others finish with *their own* values for the part it was reducing, silently.
-    So: any exception or a missed deadline makes the round a group of one (the peer applies its own
-    pseudo-gradient and keeps training); after every successful round the group compares a sketch of the
-    average through the DHT (float64 norms of 16 slices), and peers outside the majority are marked out of
-    sync. An out-of-sync peer downloads the swarm's run state from an in-sync peer at the next round boundary
-    and is back in lockstep for the round after; it never stops training.
+    dies mid-all-reduce (or a hivemind hiccup: we have seen "received 85% results" with every peer alive) makes
+    the others finish with *their own* values for the lost part, silently. So after every all-reduce the group
+    compares a sketch of the average through the DHT (float64 norms of 16 slices of a strided subsample); if
+    they differ, the whole group re-runs the round on its original inputs (up to twice); if they still differ,
+    the majority's average stands and the others are marked out of sync. A round that raises or misses its
+    deadline applies a *zero* update while other peers are alive (all peers that missed it stay equal to each
+    other) and marks the peer out of sync; alone, it is a group of one. An out-of-sync peer keeps training and
+    downloads the swarm's run state from an in-sync peer at a round boundary (the donor serves it at its next
+    boundary, so both are at the same round); with no in-sync donor it continues from its own state.
 
 Joining
     ``attach_run_state(get, set)`` (called by the trainer once the strategy is built) makes the run state
@@ -84,7 +89,7 @@ class RoundClock:
 
     def __init__(self, cfg: BackendConfig):
         self.cfg = cfg
-        self.spread: float | None = None  # EMA of the arrival spread within a group (dht seconds)
+        self.spread: float | None = None  # arrival spread of a group: jumps up at once, decays 0.8x per round
         self.max_allreduce: float | None = None  # slowest all-reduce seen (seconds)
         self.period: float | None = None  # EMA of boundary-to-boundary time
         self.first_phase: float | None = None
@@ -100,6 +105,8 @@ class RoundClock:
             measured = self.cfg.deadline_margin * phase
         else:
             measured = self.cfg.deadline_margin * self.spread
+            if self.period is not None:  # a straggler more than a whole round behind is a round behind: no wait
+                measured = min(measured, self.period)
         return max(self.cfg.min_matchmaking_time, measured)
 
     def allreduce_allowance(self) -> float:
@@ -107,7 +114,9 @@ class RoundClock:
             return self.cfg.round_timeout
         if self.max_allreduce is None:
             return self.cfg.first_round_timeout
-        return max(2 * self.cfg.min_matchmaking_time, self.cfg.deadline_margin * self.max_allreduce)
+        # Floor: chunk_timeout. Giving up sooner gains nothing: a cancelled all-reduce keeps the buffers locked in
+        # hivemind's process until its chunk timeouts fire, so the next round would wait for it anyway.
+        return max(self.cfg.chunk_timeout, self.cfg.deadline_margin * self.max_allreduce)
 
     def phase_started(self) -> None:
         self._last_boundary = time.monotonic()
@@ -118,9 +127,14 @@ class RoundClock:
 
     def observe(self, spread: float | None, allreduce_seconds: float | None) -> None:
         if spread is not None:
-            self.spread = spread if self.spread is None else 0.7 * self.spread + 0.3 * spread
+            self.spread = spread if self.spread is None else max(spread, 0.8 * self.spread)
         if allreduce_seconds is not None:
             self.max_allreduce = max(self.max_allreduce or 0.0, allreduce_seconds)
+
+    def missed(self) -> None:
+        """Our round failed or left out live peers: the spread was larger than we thought; double the window."""
+        floor = self.cfg.min_matchmaking_time / self.cfg.deadline_margin
+        self.spread = 2 * max(self.spread or 0.0, floor)
 
     def boundary(self) -> None:
         now = time.monotonic()
@@ -235,7 +249,13 @@ class HivemindAverager(Averager):
     def _publish_progress(self) -> None:
         period = self.clock.period or self.clock.first_phase or 10.0
         ttl = max(60.0, 4 * period)
-        record = {"round": self.round, "rank": self.rank, "in_sync": self.in_sync, "period": period}
+        record = {
+            "round": self.round,
+            "rank": self.rank,
+            "in_sync": self.in_sync,
+            "period": period,
+            "launched": self.expected_peers or 0,
+        }
         self.dht.store(
             self._progress_key,
             record,
@@ -246,7 +266,11 @@ class HivemindAverager(Averager):
 
     def pick_rank(self) -> int:
         """A joiner's worker rank (its data shard): the lowest rank no live peer holds."""
-        taken = {r.get("rank") for r in self.progress().values()}
+        records = list(self.progress().values())
+        taken = {r.get("rank") for r in records}
+        if max((int(r.get("round", 0)) for r in records), default=0) < 1:
+            # Before the first round, launched peers may still be starting: their ranks 0..N-1 are not free.
+            taken |= set(range(max((int(r.get("launched") or 0) for r in records), default=0)))
         for r in range(self.workers):
             if r not in taken:
                 return r
@@ -298,6 +322,7 @@ class HivemindAverager(Averager):
         try:
             mean, group, total_weight, sent = self._run_round(number, local, weight)
         except RoundFailed as e:
+            self.clock.missed()
             if self._others():
                 # Others are alive: apply a zero update (every peer that missed this round moves its state the
                 # same way, so they stay equal to each other) and take the swarm's state at the boundary.
@@ -412,6 +437,9 @@ class HivemindAverager(Averager):
                 time.monotonic() - t_check,
                 window,
             )
+            expected = 1 + sum(1 for r in self._others() if int(r.get("round", -1)) >= number - 1)
+            if n < expected:
+                self.clock.missed()  # live peers were left out: widen the window for the next round
             return mean, n, float(sum(i["w"] for i in infos)), sent
 
     def _check_agreement(self, tag: str, mean: list[torch.Tensor], group: list[bytes]) -> bool:
