@@ -1,0 +1,125 @@
+"""Build the technical report from run directories: ``make -C paper RUNS=DIR`` (or ``python paper/build.py``).
+
+Every number in the text is a ``{{macro}}`` filled from ``numbers.json`` and every table and figure is regenerated,
+all by ``experiments/diloco_report.py`` from RUNS (a ``reproduce_diloco.py --out`` folder). A macro the data does
+not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
+``numbers.json``, ``tables/`` and ``figures/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO / "experiments"))
+sys.path.insert(0, str(HERE))
+
+MACRO = re.compile(r"\{\{\s*([\w.:\-]+)\s*\}\}")
+
+
+def resolve_runs(runs: str) -> Path:
+    """RUNS as given, relative to paper/ (make -C paper) or to the repository root, whichever holds plan.json."""
+    p = Path(runs)
+    for cand in [p] if p.is_absolute() else [HERE / p, REPO / p, Path.cwd() / p]:
+        if (cand / "plan.json").exists():
+            return cand.resolve()
+    raise SystemExit(f"paper/build.py: no plan.json under RUNS={runs!r} (run experiments/reproduce_diloco.py --out DIR "
+                     "first, then make -C paper RUNS=DIR with DIR absolute or relative to the repository root)")  # fmt: skip
+
+
+def fill(template: str, numbers: dict[str, str], tables: dict[str, str]) -> str:
+    def sub(m: re.Match) -> str:
+        key = m.group(1)
+        if key.startswith("table:"):
+            name = key.split(":", 1)[1]
+            if name not in tables:
+                raise KeyError(f"report.md uses {{{{{key}}}}} but RUNS has no '{name}' table (have: {sorted(tables)})")
+            return tables[name]
+        if key not in numbers:
+            raise KeyError(f"report.md uses {{{{{key}}}}} but numbers.json has no such key")
+        return numbers[key]
+
+    return MACRO.sub(sub, template)
+
+
+def setup_table(rep, numbers: dict[str, str]) -> str:
+    """The paper's setting next to this one (the paper's column: Douillard et al. 2023, Table 1 and Section 3)."""
+    sc = rep.scale
+    model = [o.split("=", 1)[1] for o in sc["model"] if o.startswith("model=")][0]
+    data = [o.split("=", 1)[1] for o in sc["data"] if o.startswith("data=")][0]
+    rows = [
+        ("model", "150M-parameter transformer (60M / 400M in the model-size ablation)",
+         f"{numbers['params']} parameters ({model}{' + overrides' if len(sc['model']) > 1 else ''})"),
+        ("data", "C4", data),
+        ("workers K", "8", str(sc["workers"])),
+        ("inner steps H", "500", str(sc["H"])),
+        ("total inner steps", "88k", str(sc["max_steps"])),
+        ("synchronous warm-start", "24k steps", f"{sc['warmup_sync']} steps"),
+        ("inner optimiser", "AdamW", "AdamW"),
+        ("outer optimiser", "Nesterov, lr 0.7, momentum 0.9", "Nesterov, lr 0.7, momentum 0.9"),
+    ]  # fmt: skip
+    return "\n".join(
+        ["| | DiLoCo paper | here |", "| --- | --- | --- |", *(f"| {a} | {b} | {c} |" for a, b, c in rows)]
+    )
+
+
+def count_params(rep) -> int:
+    """Parameters of the reference run's model, built on the meta device (no memory, any size)."""
+    import torch
+
+    from locoswarm.model import GPT, GPTShape
+
+    r = rep.runs[(rep.runs["variant"] == "diloco") & (rep.runs["status"] == "ok")].iloc[0]
+    with torch.device("meta"):
+        shape = GPTShape(n_layer=int(r["model.n_layer"]), n_head=int(r["model.n_head"]), d_model=int(r["model.d_model"]),
+                         seq_len=int(r["model.seq_len"]), vocab_size=256 if r["data.tokenizer"] == "byte" else 50257,
+                         dropout=0.0)  # fmt: skip
+        return GPT(shape).num_params()
+
+
+def build(runs: Path, out: Path) -> Path:
+    from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
+    from pdf import render
+
+    rep = load(runs)
+    tables = {s: study_table(rep, s) for s in STUDIES if any(s in st for st in rep.runs["studies"])}
+    c = claims(rep, tables)
+    nums = numbers(rep, tables, c)
+    nums["params"] = f"{count_params(rep) / 1e6:.2f}M"
+    nums["runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    md_tables = {s: to_markdown(t) for s, t in tables.items()}
+    md_tables["claims"] = claims_markdown(c, rep.plan["scale"])
+    md_tables["setup"] = setup_table(rep, nums)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tables").mkdir(exist_ok=True)
+    for name, text in md_tables.items():
+        (out / "tables" / f"{name}.md").write_text(text + "\n")
+    for study, t in tables.items():
+        t.to_csv(out / "tables" / f"{study}.csv", index=False)
+    c.to_csv(out / "tables" / "claims.csv", index=False)
+    (out / "numbers.json").write_text(json.dumps(nums, indent=2) + "\n")
+    figures(rep, tables, out / "figures")
+    text = fill((HERE / "report.md").read_text(), nums, md_tables)
+    (out / "report.md").write_text(text)
+    pdf = render(text, out / "report.pdf", base_dir=out, title="locoswarm: DiLoCo reproduced")
+    print(f"paper: {pdf} ({pdf.stat().st_size / 1e3:.0f} kB) from {runs}: {nums['claims_held']} of "
+          f"{nums['claims_total']} claims held at scale {nums['scale']}")  # fmt: skip
+    return pdf
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Build paper/report.pdf from a reproduce_diloco.py output folder.")
+    p.add_argument("--runs", default="results/ci", help="a reproduce_diloco.py --out folder (default: committed ci)")
+    p.add_argument("--out", type=Path, default=HERE / "build")
+    args = p.parse_args(argv)
+    build(resolve_runs(args.runs), args.out.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
