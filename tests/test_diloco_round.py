@@ -23,8 +23,15 @@ def build(cfg, k):
     m = cfg.model
     base = GPT(GPTShape(m.n_layer, m.n_head, m.d_model, m.seq_len, data.vocab_size))
     workers = [
-        Worker(r, copy.deepcopy(base), BatchSampler(data.train_shards[r], 4, m.seq_len, seed=r), cfg.inner_optimizer,
-               cfg.train, torch.device("cpu"), seed=r)  # fmt: skip
+        Worker(
+            r,
+            copy.deepcopy(base),
+            BatchSampler(data.train_shards[r], 4, m.seq_len, seed=r),
+            cfg.inner_optimizer,
+            cfg.train,
+            torch.device("cpu"),
+            seed=r,
+        )  # fmt: skip
         for r in range(k)
     ]
     return WorkerGroup(workers)

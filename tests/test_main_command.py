@@ -45,7 +45,9 @@ def test_main_command_writes_the_run_dir_contract(tmp_path):
         sync = [r for r in rows if "bytes_sent" in r]
         assert sync and all({"bytes_received", "comm_seconds"} <= r.keys() for r in sync)
         # bytes in the rows add up to the summary's total (per worker)
-        assert abs(sum(r["bytes_sent"] for r in sync) - summary["bytes_sent_total"]) < 1e-6 * summary["bytes_sent_total"]
+        assert (
+            abs(sum(r["bytes_sent"] for r in sync) - summary["bytes_sent_total"]) < 1e-6 * summary["bytes_sent_total"]
+        )
         summaries[cfg["algorithm"]["name"]] = summary
     ddp, diloco = summaries["ddp"], summaries["diloco"]
     # equal tokens; DiLoCo syncs 2 warm-up steps + ceil(10/4) = 3 outer rounds instead of 12
