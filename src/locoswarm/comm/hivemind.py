@@ -51,6 +51,7 @@ validation keeps ``compression=none`` until codec adapters land.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import signal
@@ -266,7 +267,7 @@ class HivemindAverager(Averager):
 
     def pick_rank(self) -> int:
         """A joiner's worker rank (its data shard): the lowest rank no live peer holds."""
-        records = list(self.progress().values())
+        records = [r for r in self.progress().values() if not r.get("left")]
         taken = {r.get("rank") for r in records}
         if max((int(r.get("round", 0)) for r in records), default=0) < 1:
             # Before the first round, launched peers may still be starting: their ranks 0..N-1 are not free.
@@ -629,8 +630,9 @@ class HivemindAverager(Averager):
             log.info("resync: state from a peer was stale (%s); trying again next boundary", meta)
 
     def _others(self) -> list[dict]:
+        """Progress records of the other live peers (peers that finished or left say so on the way out)."""
         me = self.dht.peer_id.to_bytes().hex()
-        return [r for k, r in self.progress().items() if k != me]
+        return [r for k, r in self.progress().items() if k != me and not r.get("left")]
 
     # ------------------------------------------------------------------ shutdown
     def close(self) -> None:
@@ -639,6 +641,13 @@ class HivemindAverager(Averager):
         self._closed = True
         with self._cond:
             self._cond.notify_all()
+        with contextlib.suppress(Exception):  # tell stragglers we are gone, so they do not wait for us
+            self.dht.store(
+                self._progress_key,
+                {"round": self.round, "rank": self.rank, "left": True},
+                expiration_time=get_dht_time() + 60,
+                subkey=self.dht.peer_id.to_bytes(),
+            )
         for a in [*self._averagers.values(), *([self._server] if self._server is not None else [])]:
             try:
                 if a.is_alive():
