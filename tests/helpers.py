@@ -48,3 +48,13 @@ def final_params(run_dir: Path, worker: int = 0) -> dict[str, torch.Tensor]:
 def max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm().clamp_min(1e-30)).item() for k in a)
+
+
+# The same tiny run as Hydra overrides, for tests that launch real processes (swarm peers, torchrun ranks).
+TINY_OVERRIDES = [
+    "data=synthetic", "data.synthetic_tokens=60000", "data.chunk_tokens=1024", "device=cpu",
+    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=32",
+    "train.batch_size=4", "train.warmup_steps=2", "train.log_interval=3", "train.eval_interval=6",
+    "train.eval_batches=2", "train.checkpoint_every=1", "train.progress=false",
+    "algorithm=diloco", "algorithm.inner_steps=3", "algorithm.warmup_sync_steps=0",
+]  # fmt: skip

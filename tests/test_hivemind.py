@@ -22,19 +22,13 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from helpers import TINY_OVERRIDES
 
 from locoswarm.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
-# A ~30k-parameter GPT on synthetic data: each inner step takes milliseconds, so rounds dominate.
-TINY = [
-    "data=synthetic", "data.synthetic_tokens=60000", "data.chunk_tokens=1024", "device=cpu",
-    "model.n_layer=2", "model.n_head=2", "model.d_model=32", "model.seq_len=32",
-    "train.batch_size=4", "train.warmup_steps=2", "train.log_interval=3", "train.eval_interval=6",
-    "train.eval_batches=2", "train.checkpoint_every=1", "train.progress=false",
-    "algorithm=diloco", "algorithm.inner_steps=3", "algorithm.warmup_sync_steps=0",
-]  # fmt: skip
+TINY = TINY_OVERRIDES  # each inner step takes milliseconds, so rounds dominate
 RUN_LIMIT = 300.0  # seconds: a bound on one swarm run on a loaded 2-core box (typically 30-60 s)
 
 

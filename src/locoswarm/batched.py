@@ -39,7 +39,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from locoswarm.config import Config, Execution, InnerOptimizerConfig, InnerOptimizerName, TrainConfig
 from locoswarm.data import BatchSampler
 from locoswarm.model import GPT
-from locoswarm.worker import check_counts, lr_lambda
+from locoswarm.worker import check_counts, get_device_rng, lr_lambda, set_device_rng
 
 log = logging.getLogger(__name__)
 
@@ -260,13 +260,10 @@ class BatchedWorkerGroup:
         return losses.detach(), [grads[n] for n in self._names]
 
     def _get_rng(self) -> torch.Tensor:
-        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+        return get_device_rng(self.device)
 
     def _set_rng(self, state: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+        set_device_rng(self.device, state)
 
     def _apply(self, grads: list[torch.Tensor], active: Sequence[bool]) -> None:
         """Per-worker clip, inner optimiser step and schedule step for the active workers."""

@@ -34,6 +34,18 @@ def lr_lambda(train: TrainConfig):
     return f
 
 
+def get_device_rng(device: torch.device) -> torch.Tensor:
+    """The global RNG state that dropout on ``device`` draws from."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_device_rng(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 def build_inner_optimizer(model: torch.nn.Module, cfg: InnerOptimizerConfig) -> torch.optim.Optimizer:
     # No weight decay on norms and biases (1-D tensors), as in GPT-2/nanoGPT.
     decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -79,13 +91,10 @@ class Worker:
         return state
 
     def _get_rng(self) -> torch.Tensor:
-        return torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else torch.get_rng_state()
+        return get_device_rng(self.device)
 
     def _set_rng(self, state: torch.Tensor) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(state, self.device)
-        else:
-            torch.set_rng_state(state)
+        set_device_rng(self.device, state)
 
     @property
     def tokens_per_step(self) -> int:
