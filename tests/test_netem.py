@@ -152,10 +152,7 @@ def test_sim_predicts_the_testbed(tmp_path):
     assert all(len(q["round_seconds"]) == 3 for q in result["peers"])  # rounds 2-4 of 5 measured on every peer
     c = result["comparison"]
     assert abs(c["bytes_error"]) <= 0.10, c
-    # The issue asks for round time within 20%. It is NOT met yet: measured rounds run 21-36% slower than the
-    # model predicts (hivemind's butterfly all-reduce reaches ~0.72 of the link-rate bound, see
-    # benchmarks/bench_allreduce.py, and the model prices link rate). Until the model carries that efficiency,
-    # this guards against regressions beyond the gap measured on an idle 2-core machine (-0.36).
-    assert abs(c["round_time_error"]) <= 0.50, c
-    assert p.returncode in (0, 1)  # 1 = --validate's own 20% verdict failed; the CLI still ran and tore down
+    # network=testbed prices hivemind's butterfly at the efficiency bench_allreduce.py measured (0.72 of the bound)
+    assert abs(c["round_time_error"]) <= 0.20, c
+    assert p.returncode == 0, p.stderr[-3000:]  # --validate's own 20% / 10% verdict
     assert not _new_namespaces(before)

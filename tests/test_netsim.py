@@ -116,6 +116,14 @@ def test_wire_overhead_is_charged_to_time():
     assert b == pytest.approx(1.07 * a)
 
 
+def test_link_efficiency_divides_transfer_time_not_latency():
+    a = NetworkModel(net(bandwidth_mbps=100, latency_ms=0, topology="butterfly"), 4).comm_seconds(P)
+    b = NetworkModel(net(bandwidth_mbps=100, latency_ms=0, topology="butterfly", link_efficiency=0.5), 4)
+    assert b.comm_seconds(P) == pytest.approx(2 * a)
+    lat = NetworkModel(net(bandwidth_mbps=100, latency_ms=50, topology="butterfly", link_efficiency=0.5), 4)
+    assert lat.comm_seconds(P) == pytest.approx(2 * a + 2 * 0.05)
+
+
 @pytest.mark.parametrize("topology", ["ring", "butterfly", "parameter_server", "gossip"])
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("latency_ms", [0.0, 5.0])

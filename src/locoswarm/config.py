@@ -315,6 +315,11 @@ class NetworkConfig:
     wire_overhead: float = 0.0
     """Extra on-wire bytes per payload byte (framing: Ethernet+IP+TCP headers and ACKs are ~0.07 at 1500-byte
     MTU); charged to the transfer time. The reported bytes_sent stay payload bytes."""
+    link_efficiency: float = 1.0
+    """Fraction of the link rate the averaging implementation sustains while it transfers (1.0 = the bandwidth
+    bound of the topology). A property of the all-reduce code, not of the link: hivemind's butterfly all-reduce
+    reaches 0.72 of the bound with 4 peers on tbf-shaped links (benchmarks/bench_allreduce.py; 0.78 with 2),
+    gloo's ring 0.92. Divides the transfer time; latency terms are unaffected."""
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)
     """Seeded per-worker slowdowns of compute (see StragglerConfig)."""
     churn: ChurnConfig = field(default_factory=ChurnConfig)
@@ -515,6 +520,7 @@ def _validate_network(cfg: Config, need) -> None:
     need(n.server_mbps is None or n.server_mbps > 0, "network.server_mbps", n.server_mbps, "must be > 0 (or null)")
     need(n.step_seconds is None or n.step_seconds > 0, "network.step_seconds", n.step_seconds, "must be > 0 or null")
     need(n.wire_overhead >= 0, "network.wire_overhead", n.wire_overhead, "must be >= 0")
+    need(0 < n.link_efficiency <= 1, "network.link_efficiency", n.link_efficiency, "must be in (0, 1]")
     s = n.stragglers
     need(s.sigma >= 0, "network.stragglers.sigma", s.sigma, "must be >= 0")
     need(s.factor > 0, "network.stragglers.factor", s.factor, "must be > 0")

@@ -4,7 +4,8 @@ A round is an inner phase (compute) followed by an averaging (communication). Co
 time is its step count x step time (``network.step_seconds``, or what was measured) x its straggler slowdown
 / its compute speed; the phase lasts as long as the slowest worker. Communication is priced per topology from
 per-worker links (uplink u_i, downlink d_i, one-way latency l_i; a message i -> j waits (l_i + l_j) / 2),
-over the workers that take part (n of them, in rank order), for a payload of P bits each (x 1 + wire_overhead):
+over the workers that take part (n of them, in rank order), for a payload of P bits each (x 1 + wire_overhead,
+/ link_efficiency: the share of the link rate the all-reduce code sustains, measured per implementation):
 
 - ``ring``: reduce-scatter then all-gather, 2(n-1) steps; in each step every worker sends P/n to its successor,
   and the step lasts as long as its slowest hop: max_i (P/n / min(u_i, d_i+1) + lat(i, i+1)).
@@ -115,7 +116,7 @@ class NetworkModel:
         n = len(ws)
         if n <= 1:
             return 0.0
-        bits = payload_bytes * 8 * (1 + self.cfg.wire_overhead)
+        bits = payload_bytes * 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
         links = self.links
         succ = list(zip(ws, ws[1:] + ws[:1], strict=True))
         if self.topology == Topology.ring:
