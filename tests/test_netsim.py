@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from locoswarm.config import CompressionConfig, NetworkConfig
 from locoswarm.faults import PhasePlan
@@ -149,6 +150,31 @@ def test_planner_unreachable_when_latency_alone_costs_too_much():
     assert required_bandwidth(net(latency_ms=50), 8, 0.035, 1e6, 0.95) == math.inf
 
 
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_allgather_pricing(k):
+    """Payloads that cannot be summed on the wire are all-gathered: K-1 payloads each way."""
+    P = 1e6
+    assert wire_bytes("ring", k, P, allgather=True) == ((k - 1) * P, (k - 1) * P)
+    assert wire_bytes("butterfly", k, P, allgather=True) == ((k - 1) * P, (k - 1) * P)
+    assert wire_bytes("parameter_server", k, P, allgather=True) == (P, P)
+    for topology, latencies in (("ring", k - 1), ("butterfly", 1)):
+        m = NetworkModel(net(bandwidth_mbps=100, latency_ms=10, topology=topology), k)
+        assert m.comm_seconds(P, allgather=True) == pytest.approx((k - 1) * P * 8 / 1e8 + latencies * 0.01)
+
+
+def test_sim_prices_what_the_real_backends_send():
+    """topk's payloads are all-gathered on a real network, randomk's all-reduced: the sim counts them so."""
+    from locoswarm.comm.sim import SimAverager
+    from locoswarm.compression import codec_factory
+
+    model = NetworkModel(net(bandwidth_mbps=100, latency_ms=0, topology="butterfly"), 4)
+    x = [torch.randn(4, 1000)]
+    for name, allgather in (("topk", True), ("randomk", False), ("int8", True), ("fp16", False)):
+        r = SimAverager(codec_factory(CompressionConfig(name=name, ratio=0.1), 0), model).average(x, torch.ones(4))
+        assert r.allgather == allgather
+        assert r.bytes_sent == pytest.approx(r.payload_bytes * (3 if allgather else 1.5))
+
+
 def test_codec_payload_sizes_come_from_the_codecs():
     n = 1e6
     assert codec_payload_bytes("none", n) == pytest.approx(4 * n)
@@ -163,9 +189,10 @@ def test_plan_table_rows_and_cli(capsys):
     assert [(r["algorithm"], r["codec"]) for r in rows] == [
         ("ddp", "none"), ("ddp", "int8"), ("diloco H=50", "none"), ("diloco H=50", "int8"),
     ]  # fmt: skip
-    # H=50 needs 1/50 of ddp's bandwidth (no latency); int8 needs (1 + 4/64)/4 of fp32's
+    # H=50 needs 1/50 of ddp's bandwidth (no latency); int8 payloads are (1 + 4/64)/4 of fp32's but cannot be
+    # summed on the wire, so they are all-gathered: (K-1) payloads instead of 2(K-1)/K, K/2 = 4x more per byte
     assert rows[2]["mbps"] == pytest.approx(rows[0]["mbps"] / 50)
-    assert rows[1]["mbps"] == pytest.approx(rows[0]["mbps"] * (1 + 4 / 64) / 4)
+    assert rows[1]["mbps"] == pytest.approx(rows[0]["mbps"] * (1 + 4 / 64) / 4 * 8 / 2)
     from locoswarm.netsim import main
 
     assert main(["plan", "--params", "124e6", "--step-seconds", "0.035", "--codecs", "none,int8"]) == 0

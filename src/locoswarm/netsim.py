@@ -15,6 +15,11 @@ over the workers that take part (n of them, in rank order), for a payload of P b
   link, (n-1)/n P / min(u_i, d_i), plus the largest latency. Uniform links: 2(n-1)/n P/b + 2 l.
 - ``parameter_server``: every worker pushes P, the server returns the mean; the server's link (server_mbps)
   carries nP each way: 2 (max(P / b_worker, nP / b_server) + l). Uniform links, b_server = b: 2nP/b + 2l.
+- codecs whose payloads cannot be summed on the wire (int8, int4, sign, topk, powersgd: ``Codec.summable`` is
+  false) are all-gathered on ring and butterfly instead (what the real backends do, see ``comm/exchange.py``):
+  ring: n-1 steps, each worker forwarding one whole payload to its successor, max_i (P / min(u_i, d_i+1) + lat);
+  butterfly: every worker sends its payload straight to the n-1 others, (n-1) P / min(u_i, d_i) on the busiest
+  link plus the largest latency. Uniform links: (n-1) P/b, i.e. n/2 times an all-reduce of the same payload.
 - ``gossip``: one exchange, each worker sends P to its successor: max_i (P / min(u_i, d_i+1) + lat). The sim
   averager still computes the exact mean; this prices one round of a gossip strategy.
 
@@ -42,10 +47,13 @@ from locoswarm.config import CompressionConfig, NetworkConfig, Topology
 from locoswarm.faults import FaultSchedule, PhasePlan
 
 
-def wire_bytes(topology: Topology | str, workers: int, payload_bytes: float) -> tuple[float, float]:
+def wire_bytes(
+    topology: Topology | str, workers: int, payload_bytes: float, allgather: bool = False
+) -> tuple[float, float]:
     """Bytes one worker sends and receives to all-reduce a payload of ``payload_bytes`` with ``workers`` peers.
 
-    ring / butterfly: reduce-scatter then all-gather, 2(K-1)/K of the payload each way (bandwidth-optimal).
+    ring / butterfly: reduce-scatter then all-gather, 2(K-1)/K of the payload each way (bandwidth-optimal); with
+    ``allgather`` (payloads that cannot be summed on the wire) K-1 payloads each way.
     parameter_server: the payload up, the averaged payload down. gossip: one exchange with one peer.
     """
     k = workers
@@ -53,7 +61,7 @@ def wire_bytes(topology: Topology | str, workers: int, payload_bytes: float) -> 
     if k <= 1:
         return 0.0, 0.0
     if topo in (Topology.ring, Topology.butterfly):
-        b = 2.0 * (k - 1) / k * payload_bytes
+        b = (k - 1) * payload_bytes if allgather else 2.0 * (k - 1) / k * payload_bytes
         return b, b
     return float(payload_bytes), float(payload_bytes)
 
@@ -109,9 +117,9 @@ class NetworkModel:
         return (self.links[a].latency_s + self.links[b].latency_s) / 2
 
     # ------------------------------------------------------------------ communication
-    def comm_seconds(self, payload_bytes: float, active: Sequence[int] | None = None) -> float:
+    def comm_seconds(self, payload_bytes: float, active: Sequence[int] | None = None, allgather: bool = False) -> float:
         """Modelled time of one averaging in which every worker of ``active`` (default: all) sends
-        ``payload_bytes``."""
+        ``payload_bytes``; ``allgather``: the payloads cannot be summed on the wire (see the module docstring)."""
         ws = sorted(range(self.workers) if active is None else active)
         n = len(ws)
         if n <= 1:
@@ -119,6 +127,12 @@ class NetworkModel:
         bits = payload_bytes * 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
         links = self.links
         succ = list(zip(ws, ws[1:] + ws[:1], strict=True))
+        if allgather and self.topology == Topology.ring:
+            step = max(bits / min(links[a].up_bps, links[b].down_bps) + self._latency(a, b) for a, b in succ)
+            return (n - 1) * step
+        if allgather and self.topology == Topology.butterfly:
+            busiest = max(bits * (n - 1) / min(links[w].up_bps, links[w].down_bps) for w in ws)
+            return busiest + max(self._latency(a, b) for a in ws for b in ws if a != b)
         if self.topology == Topology.ring:
             step = max(bits / n / min(links[a].up_bps, links[b].down_bps) + self._latency(a, b) for a, b in succ)
             return 2 * (n - 1) * step
@@ -159,14 +173,22 @@ class NetworkModel:
         return max(compute, comm) if self.cfg.overlap else compute + comm
 
     def price_round(
-        self, plan: PhasePlan, measured: Sequence[float], payload_bytes: float, comm_seconds: float | None = None
+        self,
+        plan: PhasePlan,
+        measured: Sequence[float],
+        payload_bytes: float,
+        comm_seconds: float | None = None,
+        allgather: bool = False,
     ) -> RoundCost:
         """The round's modelled cost. ``comm_seconds`` overrides the modelled averaging (a real backend's)."""
         busy = self.worker_compute_seconds(plan, measured)
         taking_part = [w for w, c in zip(plan.ranks, plan.counts, strict=True) if c > 0]
         compute = max(busy, default=0.0)
         mean_busy = sum(busy) / len(taking_part) if taking_part else 0.0
-        comm = self.comm_seconds(payload_bytes, taking_part) if comm_seconds is None else comm_seconds
+        if comm_seconds is None:
+            comm = self.comm_seconds(payload_bytes, taking_part, allgather)
+        else:
+            comm = comm_seconds
         return RoundCost(compute, mean_busy, comm, self.combine(compute, comm))
 
 
@@ -201,21 +223,38 @@ def uniform_network(cfg: NetworkConfig, bandwidth_mbps: float) -> NetworkConfig:
     )
 
 
-def steady_round(cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float) -> RoundCost:
+def codec_allgathers(compression: CompressionConfig | str) -> bool:
+    """Whether the codec's payloads are all-gathered (not summable on the wire), see ``comm/exchange.py``."""
+    from locoswarm.compression import make_codec
+
+    cfg = CompressionConfig(name=compression) if isinstance(compression, str) else compression
+    return not make_codec(cfg).summable
+
+
+def steady_round(
+    cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float, allgather: bool = False
+) -> RoundCost:
     """One round of ``workers`` identical workers that each compute ``compute_seconds`` then average."""
     model = NetworkModel(cfg, workers)
     plan = PhasePlan(round=0, ranks=list(range(workers)), counts=[1] * workers, slowdown=[1.0] * workers,
                      present=[True] * workers)  # fmt: skip
-    return model.price_round(plan, [compute_seconds] * workers, payload_bytes)
+    return model.price_round(plan, [compute_seconds] * workers, payload_bytes, allgather=allgather)
 
 
-def utilisation(cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float) -> float:
-    cost = steady_round(cfg, workers, compute_seconds, payload_bytes)
+def utilisation(
+    cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float, allgather: bool = False
+) -> float:
+    cost = steady_round(cfg, workers, compute_seconds, payload_bytes, allgather)
     return cost.busy_seconds / cost.seconds if cost.seconds > 0 else 0.0
 
 
 def required_bandwidth(
-    cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float, target: float = 0.95
+    cfg: NetworkConfig,
+    workers: int,
+    compute_seconds: float,
+    payload_bytes: float,
+    target: float = 0.95,
+    allgather: bool = False,
 ) -> float:
     """The uniform link bandwidth (Mbit/s) at which a round of ``compute_seconds`` compute and a
     ``payload_bytes`` averaging reaches ``target`` compute utilisation (inf: latency alone prevents it).
@@ -227,8 +266,8 @@ def required_bandwidth(
         raise ValueError(f"target={target} is invalid: a utilisation in (0, 1]")
     if workers <= 1 or payload_bytes <= 0:
         return 0.0
-    t1 = steady_round(uniform_network(cfg, 1.0), workers, 0.0, payload_bytes).comm_seconds
-    t2 = steady_round(uniform_network(cfg, 2.0), workers, 0.0, payload_bytes).comm_seconds
+    t1 = steady_round(uniform_network(cfg, 1.0), workers, 0.0, payload_bytes, allgather).comm_seconds
+    t2 = steady_round(uniform_network(cfg, 2.0), workers, 0.0, payload_bytes, allgather).comm_seconds
     a, b = 2 * (t1 - t2), 2 * t2 - t1  # comm(x Mbit/s) = a / x + b
     allowed = compute_seconds / target if cfg.overlap else compute_seconds * (1 / target - 1)
     if cfg.overlap and target == 1:
@@ -253,7 +292,7 @@ def plan_table(
             if ":" in name:
                 comp.ratio = float(name.split(":")[1])
             payload = codec_payload_bytes(comp, params)
-            need = required_bandwidth(network, workers, h * step_seconds, payload, target)
+            need = required_bandwidth(network, workers, h * step_seconds, payload, target, codec_allgathers(comp))
             rows.append({"algorithm": "ddp" if h == 1 else f"diloco H={h}", "codec": name, "payload_MB": payload / 1e6,
                          "compute_s": h * step_seconds, "mbps": need})  # fmt: skip
     return rows

@@ -8,7 +8,6 @@ and always closes the run with a ``summary.json`` whose ``status`` says how it e
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import time
@@ -25,7 +24,7 @@ from locoswarm.batched import BatchedWorkerGroup, resolve_execution
 from locoswarm.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from locoswarm.comm.base import Averager
 from locoswarm.comm.sim import SimAverager
-from locoswarm.compression import make_codec
+from locoswarm.compression import codec_factory
 from locoswarm.config import AlgorithmName, BackendName, Config, Execution, config_hash, to_dict, validate
 from locoswarm.data import BatchSampler, build_token_data
 from locoswarm.faults import PhasePlanner
@@ -33,6 +32,7 @@ from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
 from locoswarm.runlog import RunLog, atomic_write_text, git_sha
+from locoswarm.seeding import derive_seed
 from locoswarm.strategies import DDP, DiLoCo, RoundReport, Strategy
 from locoswarm.worker import Worker, WorkerGroup
 
@@ -42,12 +42,6 @@ REQUIRED_SUMMARY_KEYS = (
     "final_val_loss", "tokens", "outer_steps", "bytes_sent_total", "wall_seconds", "sim_seconds",
     "compute_utilisation", "git_sha", "config_hash", "status",
 )  # fmt: skip
-
-
-def derive_seed(seed: int, *parts: Any) -> int:
-    """Every seed in a run comes from the one ``seed``: stable, independent streams per purpose and worker."""
-    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,12 +74,9 @@ def evaluate(model: GPT, params: Sequence[torch.Tensor], val: np.ndarray, batch_
 
 
 def build_averager(cfg: Config, network: NetworkModel) -> Averager:
-    def codec_factory(index: int):
-        return make_codec(cfg.compression, seed=derive_seed(cfg.seed, "codec", index))
-
     backend = BackendName(cfg.backend.name)
     if backend == BackendName.sim:
-        return SimAverager(codec_factory, network)
+        return SimAverager(codec_factory(cfg.compression, cfg.seed), network)
     # The real backends host one worker per process and are built by their launchers, which pass averager= and
     # ranks= to train(): locoswarm-swarm (hivemind) and torchrun locoswarm-train (torch, see cli/train.py).
     launcher = {BackendName.hivemind: "locoswarm-swarm --peers N", BackendName.torch: "torchrun ... locoswarm-train"}
@@ -348,7 +339,9 @@ def train(
             plan = planner.last if planner.round > planned else planner.unplanned(report.steps)
             modelled = isinstance(averager, SimAverager)
             measured_comm = None if modelled else comm.seconds
-            cost = network.price_round(plan, report.compute_seconds, comm.payload_bytes, measured_comm)
+            cost = network.price_round(
+                plan, report.compute_seconds, comm.payload_bytes, measured_comm, allgather=comm.allgather
+            )
             comm_seconds = cost.comm_seconds
             counters.comm_seconds += comm_seconds
             counters.compute_seconds += cost.busy_seconds

@@ -28,6 +28,7 @@ class Round:
     compression_ratio: float = 1.0  # payload bytes / uncompressed fp32 bytes
     payload_bytes: float = 0.0  # encoded payload per worker (before the topology multiplies it)
     total_weight: float = 0.0
+    allgather: bool = False  # the payloads were all-gathered (not summable on the wire): priced as such
 
 
 class Averager(ABC):

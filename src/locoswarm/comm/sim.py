@@ -55,7 +55,9 @@ class SimAverager(Averager):
             out.append(acc)
         active = [b for b, s in zip(payload_bytes, shares, strict=True) if s > 0]
         mean_payload = sum(active) / len(active)
-        sent, received = zip(*(self._wire(b, len(active)) for b in active), strict=True)
+        # Payloads a real network cannot sum on the wire are all-gathered there (comm/exchange.py): priced so.
+        allgather = not all(c.summable for c in self._codecs.values())
+        sent, received = zip(*(self._wire(b, len(active), allgather) for b in active), strict=True)
         return Round(
             tensors=out,
             group_size=len(active),
@@ -65,14 +67,15 @@ class SimAverager(Averager):
             compression_ratio=mean_payload / raw_bytes if raw_bytes else 1.0,
             payload_bytes=mean_payload,
             total_weight=float(weights.sum()),
+            allgather=allgather,
         )
 
-    def _wire(self, payload_bytes: float, group: int) -> tuple[float, float]:
+    def _wire(self, payload_bytes: float, group: int, allgather: bool) -> tuple[float, float]:
         # a masked (absent) worker is not part of the all-reduce: the group is the workers that take part
-        return wire_bytes(self.network.topology, group, payload_bytes)
+        return wire_bytes(self.network.topology, group, payload_bytes, allgather)
 
-    def modelled_seconds(self, payload_bytes: float) -> float:
-        return self.network.round_seconds(payload_bytes)
+    def modelled_seconds(self, payload_bytes: float, allgather: bool = False) -> float:
+        return self.network.comm_seconds(payload_bytes, allgather=allgather)
 
     def state_dict(self) -> dict:
         # Codecs may carry state across rounds (error feedback, PowerSGD); they are plain picklable objects.

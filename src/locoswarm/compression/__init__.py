@@ -15,6 +15,8 @@ Each codec file's docstring states its exact wire format and error bound.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from locoswarm.compression.base import BufferSpec, Codec, NoCompression, Payload, compression_ratio
@@ -39,6 +41,7 @@ __all__ = [
     "TopKCodec",
     "compression_ratio",
     "keep_count",
+    "codec_factory",
     "make_codec",
 ]
 
@@ -74,3 +77,14 @@ def make_codec(cfg, seed: int = 0) -> Codec:
     if cfg.error_feedback and not codec.lossless:
         codec = ErrorFeedback(codec)
     return codec
+
+
+def codec_factory(cfg, run_seed: int) -> Callable[[int], Codec]:
+    """``factory(tensor_index)`` builds one codec for that tensor, seeded alike on every worker and backend (so
+    random-k's indices and PowerSGD's first Q agree between the sim backend and real peers)."""
+    from locoswarm.seeding import derive_seed
+
+    def factory(index: int) -> Codec:
+        return make_codec(cfg, seed=derive_seed(run_seed, "codec", index))
+
+    return factory

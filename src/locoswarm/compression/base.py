@@ -59,6 +59,11 @@ class Codec(ABC):
 
     name: str = "codec"
     lossless: bool = False
+    # Summable: a payload is one ``values`` buffer, decode is linear in it, and peers that encoded the same round
+    # agree on everything else (the shape; random-k's indices). Then summing peers' ``values`` (pre-scaled by
+    # their shares) and decoding once equals the weighted mean of their decodes, so a real backend may all-reduce
+    # the wire buffer itself; other codecs' payloads must be all-gathered and decoded one by one.
+    summable: bool = False
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> Payload: ...
@@ -73,6 +78,10 @@ class Codec(ABC):
     def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes on the wire for one tensor of this shape and dtype (no encoding needed)."""
         return sum(numel_ * _itemsize(dt) for _, dt, numel_ in self.layout(_shape(shape), dtype))
+
+    def align_round(self, round_: int) -> None:  # noqa: B027 - only shared-randomness codecs need it
+        """Use round ``round_``'s shared randomness for the next encode (random-k's indices). Peers of a real swarm
+        call it with the round they agreed on, so one that skipped rounds still picks the group's indices."""
 
     def wire_meta(self) -> dict:
         """The agreed-by-both-ends meta of this codec's latest encode (what a received payload needs too)."""
@@ -132,6 +141,7 @@ class NoCompression(Codec):
 
     name = "none"
     lossless = True
+    summable = True
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         return Payload({"values": tensor.detach().reshape(-1)}, tuple(tensor.shape), tensor.dtype)

@@ -22,6 +22,8 @@ from locoswarm.compression.base import BufferSpec, Codec, Payload, numel
 class CastCodec(Codec):
     """Send every entry in a 2-byte float format."""
 
+    summable = True
+
     def __init__(self, wire_dtype: torch.dtype) -> None:
         if wire_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"CastCodec: wire dtype must be float16 or bfloat16, got {wire_dtype}")

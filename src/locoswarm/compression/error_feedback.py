@@ -50,6 +50,13 @@ class ErrorFeedback(Codec):
     def decode(self, payload: Payload) -> torch.Tensor:
         return self.codec.decode(payload)
 
+    @property
+    def summable(self) -> bool:  # the residual is local: the wire is the wrapped codec's
+        return self.codec.summable
+
+    def align_round(self, round_: int) -> None:
+        self.codec.align_round(round_)
+
     def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
         return self.codec.layout(shape, dtype)
 

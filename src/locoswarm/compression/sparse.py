@@ -77,6 +77,7 @@ class TopKCodec(Codec):
 
 class RandomKCodec(Codec):
     name = "randomk"
+    summable = True  # peers of one round share the indices, so their value vectors add up entry by entry
 
     def __init__(self, ratio: float, seed: int = 0) -> None:
         self.ratio = _check_ratio(ratio)
@@ -97,6 +98,9 @@ class RandomKCodec(Codec):
         # drawn on the CPU whatever the tensor's device, so CPU and CUDA workers agree
         offsets = (torch.rand(k, generator=gen, dtype=torch.float64) * sizes).long().clamp_(max=sizes - 1)
         return (starts[:-1] + offsets).to(device)
+
+    def align_round(self, round_: int) -> None:
+        self.round = int(round_)
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         x = tensor.detach().reshape(-1)
