@@ -1,5 +1,6 @@
 """Quality vs bytes: one tiny-model DiLoCo run per codec (sim backend, same seed and data), final val loss
-against the bytes each worker sent, as a markdown table.
+against the bytes each worker sent, as a markdown table. Bytes are what a real backend sends: summable codecs'
+payloads are all-reduced (2(K-1)/K payloads each way), the others all-gathered (K-1 payloads; comm/exchange.py).
 
     python benchmarks/bench_codec_quality.py [--steps 300] [--workers 4] [--out runs/codec_quality]
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from locoswarm.compression import make_codec
 from locoswarm.config import Config
 from locoswarm.trainer import train
 
@@ -63,16 +65,17 @@ def main() -> None:
     for name, extra in CODECS:
         cfg = config(args, name, extra)
         s = train(cfg, Path(args.out) / cfg.name.replace("=", "").replace(".", "p"))
-        rows.append((cfg.name, s["final_val_loss"], s["bytes_sent_total"], s["compression_ratio"]))
+        exchange = "all-reduce" if make_codec(cfg.compression).summable else "all-gather"
+        rows.append((cfg.name, s["final_val_loss"], s["bytes_sent_total"], s["compression_ratio"], exchange))
         print(f"{cfg.name:<36} val {s['final_val_loss']:.4f}  sent {s['bytes_sent_total'] / 1e6:8.2f} MB", flush=True)
     base_loss, base_bytes = rows[0][1], rows[0][2]
     print(f"\nDiLoCo, tiny GPT, {args.workers} workers, H={args.inner_steps}, {args.steps} steps "
           f"({args.warmup} synchronous warm-up steps), data={args.data}\n")  # fmt: skip
-    print("| codec | final val loss | Δ vs none | MB sent / worker | bytes vs none | payload ratio (last round) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for name, loss, sent, ratio in rows:
-        print(f"| {name} | {loss:.4f} | {loss - base_loss:+.4f} | {sent / 1e6:.2f} | {sent / base_bytes:.3f} | "
-              f"{ratio:.4f} |")  # fmt: skip
+    print("| codec | final val loss | Δ vs none | payload ratio | exchange | MB sent / worker | bytes vs none |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, loss, sent, ratio, exchange in rows:
+        print(f"| {name} | {loss:.4f} | {loss - base_loss:+.4f} | {ratio:.4f} | {exchange} | {sent / 1e6:.2f} | "
+              f"{sent / base_bytes:.3f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
