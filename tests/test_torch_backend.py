@@ -1,5 +1,7 @@
 """backend=torch: ``torchrun --nproc_per_node=3 -m locoswarm.cli.train backend=torch`` over gloo on 127.0.0.1
-must give the sim backend's numbers (same seeds, no compression) to 1e-5 relative, and leave no process."""
+must give the sim backend's numbers (same seeds) to 1e-5 relative without compression, and leave no process;
+with a codec, all-gathered payloads (topk, int8, powersgd) give sim's numbers bit for bit, all-reduced ones
+(randomk, fp16) to float32 rounding or the wire dtype's own precision, and the bytes are the exchange's."""
 
 from __future__ import annotations
 
@@ -102,6 +104,112 @@ def test_torchrun_gloo_matches_sim(tmp_path):
             break
         time.sleep(0.5)
     assert not left, left
+
+
+# codec overrides, ranks, and the largest relative difference from sim allowed in final params and val loss.
+# The sim run uses one CPU thread like each rank, so training rounds alike and any difference is the exchange's.
+# All-gathered payloads are decoded and summed in rank order with sim's shares: sim's arithmetic, so 1e-6 is only
+# slack (measured: 0, bit for bit). Summable ones are summed by the all-reduce (float32 rounding: 1e-5).
+# fp16 / bf16 also round the all-reduced sum (and, with K > 2, every ring hop) to the wire dtype, where sim sums
+# fp32 decodes: each averaged entry is off by up to one rounding, 2^-11 (fp16) or 2^-8 (bf16) of it, which the
+# outer step carries into params whose norm the updates dominate. Bounds: 2^-11 and 2^-8; measured at these
+# settings: fp16 1.7e-4, bf16 1.8e-3 (val loss 1.2e-6 for both), so bf16 would fail fp16's bound.
+# Three ranks for topk and randomk: with two, the all-gather's (K-1) payloads equal the ring's 2(K-1)/K.
+CODECS = {
+    "topk-ef": (["compression=topk", "compression.ratio=0.1", "compression.error_feedback=true"], 3, 1e-6),
+    "int8": (["compression=int8"], 2, 1e-6),
+    "powersgd": (["compression=powersgd"], 2, 1e-6),
+    "randomk": (["compression=randomk", "compression.ratio=0.25"], 3, 1e-5),
+    "fp16": (["compression=fp16"], 2, 2.0**-11),
+    "bf16": (["compression=bf16"], 2, 2.0**-8),
+}
+
+
+@pytest.mark.parametrize("codec", list(CODECS))
+def test_torchrun_codecs_match_sim(tmp_path, codec):
+    """Every rank's params and val loss are sim's (to the codec's tolerance), and the bytes are the exchange's."""
+    from locoswarm.cli.swarm import compose_config
+    from locoswarm.comm.exchange import allgather_bytes
+    from locoswarm.comm.torch_dist import ring_bytes
+    from locoswarm.compression import make_codec
+    from locoswarm.trainer import train
+
+    codec_overrides, k, tol = CODECS[codec]
+    overrides = [*TINY, f"workers={k}", "seed=11", "train.max_steps=9", *codec_overrides]
+    run = tmp_path / "torch"
+    rc, out, _ = torchrun(k, [*overrides, f"hydra.run.dir={run}"])
+    assert rc == 0, out[-4000:]
+    cfg = compose_config([*overrides, "backend=sim"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (OMP_NUM_THREADS=1): CPU kernels round alike, so training matches
+    try:
+        sim = train(cfg, tmp_path / "sim")
+    finally:
+        torch.set_num_threads(threads)
+    assert sim["outer_steps"] == 3
+
+    # what the exchange moves: every tensor's payload, all-reduced (summable) or all-gathered (the others)
+    anchor = load_checkpoint(tmp_path / "sim")["strategy"]["anchor"]
+    codec_ = make_codec(cfg.compression)
+    payload = sum(codec_.wire_nbytes(tuple(a.shape), a.dtype) for a in anchor)
+    ratio = payload / sum(4 * a.numel() for a in anchor)
+    per_round = ring_bytes(k, payload) if codec_.summable else allgather_bytes(k, payload)
+    assert ratio < 1
+    assert sim["bytes_sent_total"] == pytest.approx(3 * per_round, rel=1e-12)
+
+    worst, worst_loss = 0.0, 0.0
+    for r in range(k):
+        rank_dir = run if r == 0 else run / f"rank-{r}"
+        s = json.loads((rank_dir / "summary.json").read_text())
+        assert s["status"] == "ok" and s["outer_steps"] == 3, s
+        assert s["bytes_sent_total"] == pytest.approx(3 * per_round, rel=1e-12), (s["bytes_sent_total"], per_round)
+        rows = [json.loads(x) for x in (rank_dir / "metrics.jsonl").read_text().splitlines() if x]
+        syncs = [row for row in rows if "group_size" in row]
+        assert [row["group_size"] for row in syncs] == [k] * 3
+        assert all(row["compression_ratio"] == pytest.approx(ratio, rel=1e-12) for row in syncs)
+        worst = max(worst, rel(state(rank_dir), state(tmp_path / "sim", worker=r)))
+        worst_loss = max(worst_loss, abs(s["final_val_loss"] - sim["final_val_loss"]) / sim["final_val_loss"])
+    print(f"{codec}: torch (gloo, {k} ranks) vs sim: params {worst:.2e}, val loss {worst_loss:.2e} relative")
+    assert worst <= tol and worst_loss <= tol
+
+
+def test_codec_state_survives_a_resume(monkeypatch):
+    """Error-feedback residuals and the round (random-k's indices) come back with the averager's state: a resumed
+    averager's next round is the uninterrupted one's (a one-rank gloo group in this process)."""
+    import io
+
+    from locoswarm.comm.torch_dist import TorchDistAverager
+    from locoswarm.config import Config
+
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gen = torch.Generator().manual_seed(0)
+    rounds = [[torch.randn(1, 12, 8, generator=gen), torch.randn(1, 20, generator=gen)] for _ in range(3)]
+    weight = torch.tensor([7.0], dtype=torch.float64)
+    averagers = []
+    try:
+        for name, ef in (("topk", True), ("randomk", False)):
+            cfg = Config()
+            cfg.workers, cfg.device = 1, "cpu"
+            cfg.compression.name, cfg.compression.ratio, cfg.compression.error_feedback = name, 0.25, ef
+            first, resumed, restarted = (TorchDistAverager(cfg) for _ in range(3))
+            averagers.append(first)
+            for tensors in rounds[:2]:
+                first.average(tensors, weight)
+            buf = io.BytesIO()
+            torch.save(first.state_dict(), buf)  # as the trainer's checkpoint holds it
+            buf.seek(0)
+            resumed.load_state_dict(torch.load(buf, weights_only=False))
+            assert resumed.round == 2
+            expected = first.average(rounds[2], weight).tensors
+            got = resumed.average(rounds[2], weight).tensors
+            assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True)), name
+            fresh = restarted.average(rounds[2], weight).tensors  # no state: residual 0, round 0
+            assert not all(torch.equal(a, b) for a, b in zip(fresh, expected, strict=True)), name
+    finally:
+        for averager in averagers:
+            averager.close()
 
 
 def test_world_size_must_match_workers(tmp_path):

@@ -6,18 +6,38 @@ Rank and world size come from torchrun's environment (``RANK``, ``WORLD_SIZE``, 
 ``MASTER_PORT``); the world size must equal ``workers``. Rank r hosts worker r (its data shard); rank 0 writes
 the Hydra run dir, rank r > 0 writes ``<that dir>/rank-<r>/``.
 
-The weighted mean is computed like the ``sim`` backend's: the token weights are summed first (one tiny float64
-all-reduce), each rank scales its tensors by its share, and one flat fp32 all-reduce sums them, so the result
-matches ``sim`` to float32 rounding. torch.distributed is not fault tolerant: a rank that dies fails the job
-(after ``backend.dist_timeout``); use ``backend=hivemind`` for peers that come and go.
+Every codec works here, with the ``sim`` backend's seeds (random-k's indices, PowerSGD's first Q), and the way
+``comm/exchange.py`` describes; each rank keeps one codec per tensor (error feedback, PowerSGD's warm start) and
+a round counter that keys random-k's shared indices, both in ``state_dict`` so a resume continues them.
 
-Bytes: torch.distributed does not report them; ``Round.bytes_sent`` / ``bytes_received`` are those of a
-bandwidth-optimal ring all-reduce, 2(K-1)/K of the fp32 payload each way (what gloo's and nccl's ring
-algorithms move). ``Round.seconds`` is measured.
+- **summable codecs** (``none``, ``fp16``, ``bf16``, ``randomk``): the token weights are summed first (one tiny
+  float64 all-reduce); each rank encodes, scales its wire buffer (the fp32 tensor for ``none``, its 2-byte cast
+  for ``fp16``/``bf16``, its k shared-index values for ``randomk``) by its share in the wire dtype, and one
+  all-reduce (SUM) of that buffer, in that dtype, sums the group's; every rank decodes the sum once. ``none`` and
+  ``randomk`` match ``sim`` to float32 rounding. ``fp16``/``bf16`` also round each scaled buffer and every
+  partial sum (each ring hop) to 2 bytes, where ``sim`` decodes and sums in fp32: they match ``sim`` to about
+  their own precision, not bit for bit. gloo (torch 2.13, CPU) and nccl all-reduce fp16 and bf16 natively.
+- **other codecs** (``int8``, ``int4``, ``sign``, ``topk``, ``powersgd``, with or without error feedback): each
+  rank packs its whole payload (``packed_size`` bytes, the same on every rank) behind its float64 token weight,
+  and one all-gather of those uint8 buffers hands every rank every payload; every rank decodes all of them and
+  sums ``share x decode`` in rank order with the shares computed as ``sim`` does, so the result equals ``sim``'s
+  bit for bit.
+
+A rank whose weight is 0 takes part in the collectives with a zero contribution but leaves its codecs' state
+alone (as ``sim`` skips a masked worker); ``group_size`` counts the ranks with a positive weight. The result
+comes back on the caller's device and dtype; the collective runs on ``self.device`` (this rank's GPU for nccl).
+torch.distributed is not fault tolerant: a rank that dies fails the job (after ``backend.dist_timeout``); use
+``backend=hivemind`` for peers that come and go.
+
+Bytes: torch.distributed does not report them; ``Round.bytes_sent`` / ``bytes_received`` are those of the
+algorithm's wire pattern for this rank's payload: a bandwidth-optimal ring all-reduce (2(K-1)/K of it each way)
+for summable codecs, an all-gather ((K-1) payloads each way, ``Round.allgather``) for the others; the weights'
+8 bytes are not counted. ``Round.seconds`` is measured (encoding and decoding included).
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import os
@@ -29,9 +49,12 @@ import torch
 import torch.distributed as dist
 
 from locoswarm.comm.base import Averager, Round
+from locoswarm.comm.exchange import LocalCodecs, allgather_bytes
 from locoswarm.config import Config
 
 log = logging.getLogger(__name__)
+
+_WEIGHT_BYTES = 8  # the float64 token weight that leads each rank's all-gathered buffer
 
 
 def ring_bytes(world: int, payload_bytes: float) -> float:
@@ -61,6 +84,9 @@ class TorchDistAverager(Averager):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
         self.backend = backend
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        # The sim backend's codec seeds, so random-k's indices and PowerSGD's first Q agree with it.
+        self.codecs = LocalCodecs(cfg.compression, cfg.seed)
+        self.round = 0  # average() calls so far: the round random-k's shared indices are drawn for
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.backend.dist_timeout))
         log.info("torch.distributed: rank %d of %d over %s", self.rank, self.world, backend)
@@ -76,31 +102,81 @@ class TorchDistAverager(Averager):
     def average(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> Round:
         if weights.numel() != 1 or any(t.shape[0] != 1 for t in tensors):
             raise ValueError("backend=torch hosts exactly one worker per rank (got a stacked batch > 1)")
+        weight = float(weights.to(torch.float64).sum())
+        if not weight >= 0:
+            raise ValueError(f"weights must be non-negative, got {weights.tolist()}")
         t0 = time.perf_counter()
-        total = weights.to(self.device, torch.float64).sum().reshape(1)
-        dist.all_reduce(total)
-        share = float(weights.sum()) / float(total)
-        flat = torch.cat([t[0].reshape(-1).to(self.device, torch.float32) for t in tensors])
-        flat.mul_(share)
-        dist.all_reduce(flat)
-        out, offset = [], 0
-        for t in tensors:
-            n = t[0].numel()
-            out.append(flat[offset : offset + n].view_as(t[0]).to(t.device, t.dtype))
-            offset += n
-        payload = float(flat.numel() * 4)
-        wire = ring_bytes(self.world, payload)
+        rows = [t[0].to(self.device) for t in tensors]
+        # A rank without weight encodes with a throwaway copy: its residuals and warm starts stay as they were.
+        codecs = self.codecs if weight > 0 else copy.deepcopy(self.codecs)
+        payloads = codecs.encode(rows, round_=self.round)
+        self.round += 1
+        payload_bytes = float(sum(p.nbytes for p in payloads))
+        raw_bytes = float(sum(r.numel() * 4 for r in rows))
+        if codecs.summable:
+            results, total, group = self._all_reduce(codecs, payloads, weight)
+            wire = ring_bytes(self.world, payload_bytes)
+        else:
+            results, total, group = self._all_gather(codecs, rows, payloads, weight)
+            wire = allgather_bytes(self.world, payload_bytes)
         return Round(
-            tensors=out,
-            group_size=self.world,
+            tensors=[r.to(t.device, t.dtype) for r, t in zip(results, tensors, strict=True)],
+            group_size=group,
             bytes_sent=wire,
             bytes_received=wire,
             seconds=time.perf_counter() - t0,
-            compression_ratio=1.0,
-            payload_bytes=payload,
-            total_weight=float(total),
+            compression_ratio=payload_bytes / raw_bytes if raw_bytes else 1.0,
+            payload_bytes=payload_bytes,
+            total_weight=total,
+            allgather=not codecs.summable,
         )
+
+    def _all_reduce(self, codecs: LocalCodecs, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
+        """Summable payloads: sum share x wire buffer over the ranks (in the wire dtype), decode the sum once."""
+        stats = torch.tensor([weight, float(weight > 0)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(stats)
+        total, group = float(stats[0]), round(float(stats[1]))
+        _check_total(total)
+        wire = codecs.wire_values(payloads).to(self.device)  # a copy (torch.cat): scaled in place
+        wire.mul_(weight / total)
+        dist.all_reduce(wire)
+        return codecs.decode_values(wire, payloads), total, group
+
+    def _all_gather(self, codecs: LocalCodecs, rows, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
+        """Other payloads: all-gather [weight | payload] from every rank, decode all, sum share x decode (sim's)."""
+        size = codecs.packed_size(rows)
+        blob = codecs.pack(payloads)
+        if len(blob) != size:
+            raise ValueError(f"this rank's payload has {len(blob)} bytes, expected {size}")
+        header = torch.tensor([weight], dtype=torch.float64).view(torch.uint8)
+        mine = torch.cat([header, torch.frombuffer(bytearray(blob), dtype=torch.uint8) if size else header[:0]])
+        mine = mine.to(self.device)
+        gathered = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(gathered, mine)
+        gathered_cpu = torch.stack(gathered).cpu()  # (world, 8 + size), rank order
+        weights = gathered_cpu[:, :_WEIGHT_BYTES].contiguous().view(torch.float64).reshape(-1)
+        total = float(weights.sum())
+        _check_total(total)
+        shares = (weights / weights.sum()).tolist()  # exactly the sim backend's shares, in rank (= worker) order
+        # share 0 adds nothing, so leaving those payloads out changes no bit (and skips decoding them)
+        kept = [(row[_WEIGHT_BYTES:].numpy().tobytes(), s) for row, s in zip(gathered_cpu, shares, strict=True) if s]
+        blobs, kept_shares = zip(*kept, strict=True)
+        return codecs.decode_mean(blobs, kept_shares, payloads), total, len(kept)
+
+    def state_dict(self) -> dict:
+        # Codecs carry state across rounds (error-feedback residuals, PowerSGD's warm start): a resume needs them.
+        return {"codecs": self.codecs.state_dict(), "round": self.round}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.codecs.load_state_dict(state["codecs"])
+        self.round = int(state["round"])
 
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_total(total: float) -> None:
+    # every rank sees the same total, so every rank raises (no rank is left waiting in a collective)
+    if not total > 0:
+        raise ValueError(f"the group's token weights sum to {total}: at least one rank needs a positive weight")
