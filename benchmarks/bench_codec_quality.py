@@ -11,10 +11,11 @@ under --out so the numbers can be re-read with `locoswarm.analysis.load_runs`.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from locoswarm.compression import make_codec
-from locoswarm.config import Config
+from locoswarm.config import Config, config_hash
 from locoswarm.trainer import train
 
 CODECS = [
@@ -64,7 +65,12 @@ def main() -> None:
     rows = []
     for name, extra in CODECS:
         cfg = config(args, name, extra)
-        s = train(cfg, Path(args.out) / cfg.name.replace("=", "").replace(".", "p"))
+        run_dir = Path(args.out) / cfg.name.replace("=", "").replace(".", "p")
+        done = run_dir / "summary.json"
+        # an interrupted benchmark resumes: finished runs of the same config are read back, not re-run
+        s = json.loads(done.read_text()) if done.exists() else {}
+        if s.get("status") != "ok" or s.get("config_hash") != config_hash(cfg):
+            s = train(cfg, run_dir)
         exchange = "all-reduce" if make_codec(cfg.compression).summable else "all-gather"
         rows.append((cfg.name, s["final_val_loss"], s["bytes_sent_total"], s["compression_ratio"], exchange))
         print(f"{cfg.name:<36} val {s['final_val_loss']:.4f}  sent {s['bytes_sent_total'] / 1e6:8.2f} MB", flush=True)

@@ -160,12 +160,21 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     )
 
 
-def test_three_peers_match_sim(tmp_path, swarms):
-    """(a): 3 hivemind peers vs the sim backend, same seeds, no compression, 3 outer steps."""
+@pytest.mark.parametrize(
+    "codec",
+    [
+        ["compression=none"],
+        # all-gathered through hivemind's P2P: every peer decodes every payload, as sim does (residuals local)
+        ["compression=topk", "compression.ratio=0.1", "compression.error_feedback=true"],
+    ],
+    ids=["none", "topk"],
+)
+def test_three_peers_match_sim(tmp_path, swarms, codec):
+    """(a): 3 hivemind peers vs the sim backend, same seeds, 3 outer steps; uncompressed and top-k."""
     from locoswarm.cli.swarm import compose_config
     from locoswarm.trainer import train
 
-    overrides = [*TINY, "workers=3", "seed=5", "train.max_steps=9"]
+    overrides = [*TINY, "workers=3", "seed=5", "train.max_steps=9", *codec]
     swarm = swarms(["--peers", "3", "--out", str(tmp_path / "swarm"), *overrides])
     assert swarm.wait() == 0, "".join(swarm.lines[-60:])
     sim = train(compose_config([*overrides, "backend=sim"]), tmp_path / "sim")
@@ -179,6 +188,7 @@ def test_three_peers_match_sim(tmp_path, swarms):
         assert [r["group_size"] for r in rows] == [3, 3, 3], rows
         assert all(r["bytes_sent"] > 0 and r["comm_seconds"] > 0 for r in rows), rows
         assert (run / ".hydra" / "config.yaml").exists()
+        assert s["compression_ratio"] == pytest.approx(sim["compression_ratio"])
         diff = max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i))
         worst = max(worst, diff)
     print(f"hivemind vs sim: max relative difference {worst:.2e}")

@@ -69,6 +69,7 @@ def run_peer(argv: list[str]) -> int:
         level=logging.INFO,
         format=f"[peer-{args.index}] %(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    from locoswarm.comm.exchange import LocalCodecs
     from locoswarm.comm.hivemind import HivemindAverager
     from locoswarm.runlog import atomic_write_text
     from locoswarm.trainer import train
@@ -86,7 +87,10 @@ def run_peer(argv: list[str]) -> int:
     run_dir = args.out
     averager = None
     try:
-        averager = HivemindAverager(backend, workers=cfg.workers, rank=args.rank, expected_peers=args.expect)
+        codecs = LocalCodecs(cfg.compression, cfg.seed)
+        averager = HivemindAverager(
+            backend, workers=cfg.workers, rank=args.rank, expected_peers=args.expect, codecs=codecs
+        )
         atomic_write_text(run_dir / MADDR_FILE, "\n".join(averager.maddrs) + "\n")
         print(f"locoswarm-swarm: peer-{args.index} DHT address: {averager.maddrs[0]}", flush=True)
         if averager.rank is None:

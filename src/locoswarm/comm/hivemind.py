@@ -10,8 +10,23 @@ Rounds
     only peers at the same outer step can meet, and every peer publishes ``{round, rank, in_sync, period}``
     under ``<run_id>_progress``. A round's group is whoever is ready within the matchmaking window: the first
     peer to arrive waits ``window`` seconds unless all ``workers`` peers have arrived earlier. The average is
-    weighted by the tokens each peer processed. Hivemind's default would be fine, but we pass
-    ``NoCompression`` explicitly: the average must match the ``sim`` backend to float32 rounding.
+    weighted by the tokens each peer processed.
+
+Compression (``compression=...``, the same config as on ``sim``; see ``comm/exchange.py``)
+    Every peer encodes its pseudo-gradient once per round with its own codecs (error feedback stays local; the
+    codecs are checkpointed with the averager). Random-k's shared indices are keyed by the agreed round number,
+    so a peer that missed rounds still picks the group's indices. Then, by codec:
+
+    | codec | what crosses the wire | where it is (de)compressed |
+    | --- | --- | --- |
+    | none, randomk | the fp32 wire values (random-k: its k values, never an index), butterfly all-reduce | decoded once from the group's mean |
+    | fp16 | the same butterfly with hivemind's own ``Float16Compression`` | compressed twice: each part on its way to its owner, and the averaged part on its way back (hivemind's design); our codec's first cast is exactly representable, so stage 1 adds nothing, stage 2 rounds the mean to fp16 |
+    | bf16, int8, int4, sign, topk, powersgd | the packed payload, all-gathered (``comm/hivemind_gather.py``) | every peer decodes every groupmate's payload and sums them in rank order: the ``sim`` backend's arithmetic, bit for bit |
+
+    hivemind's butterfly cannot carry the last row: its receivers decode only hivemind's built-in compression
+    types (a closed protobuf enum), and it sums what it receives, which top-k indices, per-block scales and
+    low-rank factors do not allow; bf16 has no hivemind compression for fp32 buffers. For those codecs the
+    DecentralizedAverager still forms the group (matchmaking, weights, ranks), averaging a 1-element tensor.
 
 Deadlines (``RoundClock``)
     Nothing a user must guess: the window is ``deadline_margin`` x the arrival spread measured within groups
@@ -42,11 +57,8 @@ Joining
 
 Bytes
     hivemind does not expose per-peer byte counters, so ``Round.bytes_sent`` / ``bytes_received`` are computed
-    from the butterfly pattern: with n peers and equal shares, each peer sends and receives 2(n-1)/n of the
-    payload (fp32, uncompressed). ``Round.seconds`` is measured (matchmaking + all-reduce).
-
-Compression hook (issue 4): ``HivemindAverager(compression=...)`` takes a hivemind ``CompressionBase``; config
-validation keeps ``compression=none`` until codec adapters land.
+    from the pattern: butterfly, with n peers and equal shares, 2(n-1)/n of the wire payload each way; all-gather,
+    n-1 payloads each way. ``Round.seconds`` is measured (matchmaking + exchange).
 """
 
 from __future__ import annotations
@@ -64,12 +76,15 @@ from typing import Any
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
-from hivemind.compression import CompressionBase, NoCompression
+from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.dht import DHT
 from hivemind.utils.timed_storage import get_dht_time
 
 from locoswarm.comm.base import Averager, Round
-from locoswarm.config import BackendConfig
+from locoswarm.comm.exchange import LocalCodecs, allgather_bytes
+from locoswarm.comm.hivemind_gather import GatherFailed, PayloadMailbox
+from locoswarm.compression import Payload
+from locoswarm.config import BackendConfig, CompressionConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +94,11 @@ MAX_REDOS = 2
 SKETCH_SLICES = 16
 SKETCH_STRIDE = 64
 SKETCH_RTOL = 1e-4  # peers' averages differ by float32 rounding (~1e-7); a failed part differs by O(1)
+# Wire dtypes of summable codecs that hivemind's butterfly can carry, and the hivemind compression that does it.
+BUTTERFLY_WIRE: dict[torch.dtype, CompressionBase] = {
+    torch.float32: NoCompression(),
+    torch.float16: Float16Compression(),
+}
 
 
 class RoundFailed(Exception):
@@ -200,14 +220,16 @@ class HivemindAverager(Averager):
         workers: int,
         rank: int | None = None,
         expected_peers: int | None = None,
-        compression: CompressionBase | None = None,
+        codecs: LocalCodecs | None = None,
     ):
-        """expected_peers: peers launched together (locoswarm-swarm --peers N): they start training together."""
+        """expected_peers: peers launched together (locoswarm-swarm --peers N): they start training together.
+        codecs: this peer's codecs (``LocalCodecs(cfg.compression, cfg.seed)``); default: no compression."""
         self.cfg = cfg
         self.expected_peers = expected_peers
         self.workers = workers
         self.rank = rank
-        self.compression = compression if compression is not None else NoCompression()
+        self.codecs = codecs if codecs is not None else LocalCodecs(CompressionConfig(), 0)
+        self._mailbox: PayloadMailbox | None = None
         self.clock = RoundClock(cfg)
         self.round = 0  # rounds completed by this peer (== the swarm's, while in sync)
         self.in_sync = True
@@ -286,12 +308,12 @@ class HivemindAverager(Averager):
         # hivemind warns (and can deadlock) unless a join request times out well within the matchmaking time.
         return min(3.0, self.cfg.min_matchmaking_time / 2)
 
-    def _averager_for(self, tensors: Sequence[torch.Tensor]) -> DecentralizedAverager:
-        key = tuple((tuple(t.shape), str(t.dtype)) for t in tensors)
+    def _averager_for(self, tensors: Sequence[torch.Tensor], compression: CompressionBase) -> DecentralizedAverager:
+        key = (*((tuple(t.shape), str(t.dtype)) for t in tensors), type(compression).__name__)
         if key not in self._averagers:
             # One DecentralizedAverager (background process) per tensor schema; diloco/ddp need exactly one.
             prefix = f"{self.cfg.run_id}_avg{len(self._averagers)}"
-            buffers = [torch.zeros(s, dtype=t.dtype) for (s, _), t in zip(key, tensors, strict=True)]
+            buffers = [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
             request_timeout = self._request_timeout
             self._averagers[key] = _started(
                 lambda: DecentralizedAverager(
@@ -303,7 +325,7 @@ class HivemindAverager(Averager):
                     min_group_size=2,
                     min_matchmaking_time=self.cfg.min_matchmaking_time,
                     request_timeout=request_timeout,
-                    compression=self.compression,
+                    compression=compression,
                     next_chunk_timeout=self.cfg.chunk_timeout,
                     allow_state_sharing=False,
                 )
@@ -320,8 +342,15 @@ class HivemindAverager(Averager):
         self.clock.entering_round()
         number = self.round + 1
         t0 = time.monotonic()
+        # once per round (error feedback advances here); rounds are counted from 0, as on sim and torch
+        payloads = self.codecs.encode(local, round_=self.round)
+        payload_bytes = sum(p.nbytes for p in payloads)
+        allgather = True
+        if self.codecs.summable:
+            wire = self.codecs.wire_values(payloads)
+            allgather = wire.dtype not in BUTTERFLY_WIRE
         try:
-            mean, group, total_weight, sent = self._run_round(number, local, weight)
+            mean, group, total_weight, sent = self._run_round(number, payloads, weight, allgather)
         except RoundFailed as e:
             self.clock.missed()
             if self._others():
@@ -330,9 +359,9 @@ class HivemindAverager(Averager):
                 log.warning("round %d failed (%s); skipping its update, resyncing at the boundary", number, e)
                 self.in_sync = False
                 mean, group = [torch.zeros_like(t) for t in local], 0
-            else:  # nobody else is left: we are the swarm, a group of one
+            else:  # nobody else is left: we are the swarm, a group of one (its update went through the codec too)
                 log.warning("round %d failed (%s) and no other peer is alive; continuing alone", number, e)
-                mean, group = local, 1
+                mean, group = self.codecs.decode_mean([self.codecs.pack(payloads)], [1.0], payloads), 1
             total_weight, sent = weight, 0.0
         self.round = number
         return Round(
@@ -341,13 +370,27 @@ class HivemindAverager(Averager):
             bytes_sent=sent,
             bytes_received=sent,
             seconds=time.monotonic() - t0,
-            compression_ratio=1.0,
-            payload_bytes=float(sum(t.numel() * 4 for t in local)),
+            compression_ratio=payload_bytes / max(1, sum(t.numel() * 4 for t in local)),
+            payload_bytes=float(payload_bytes),
             total_weight=total_weight,
+            allgather=allgather,
         )
 
-    def _run_round(self, number: int, local: list[torch.Tensor], weight: float):
-        averager = self._averager_for(local)
+    def _run_round(self, number: int, payloads: list[Payload], weight: float, allgather: bool):
+        """One round: find a group, exchange, check the group agrees. Returns (mean, group size, total weight,
+        bytes sent). ``allgather``: payloads go to every groupmate (comm/hivemind_gather.py) and the
+        DecentralizedAverager only forms the group; otherwise it all-reduces the summable wire values."""
+        if allgather:
+            local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
+            averager = self._averager_for(local, NoCompression())
+            blob = self.codecs.pack(payloads)
+            mailbox = self._mailbox_for()
+            mailbox.expect(number, len(blob))
+        else:
+            wire = self.codecs.wire_values(payloads)
+            local = [wire.to(torch.float32)]  # exact: fp16 values widen to fp32 and Float16Compression narrows back
+            averager = self._averager_for(local, BUTTERFLY_WIRE[wire.dtype])
+        payload_bytes = sum(p.nbytes for p in payloads)
         window = self.clock.window()
         allowance = self.clock.allreduce_allowance()
         give_up = time.monotonic() + window + allowance
@@ -413,11 +456,21 @@ class HivemindAverager(Averager):
             if rounds != {number}:
                 raise RoundFailed(f"group mixed rounds {sorted(map(str, rounds))}")
             spread = max(i["t"] for i in infos) - min(i["t"] for i in infos) if infos else None
-            self.clock.observe(spread, done - started_allreduce if started_allreduce is not None else None)
-            with averager.get_tensors() as buffers:
-                mean = [b.detach().clone() for b in buffers]
             n = len(gathered)
-            sent = round_bytes(n, sum(t.numel() * 4 for t in local))
+            if allgather:
+                if started_allreduce is None:
+                    started_allreduce = done
+                try:
+                    mean = self._gather_mean(number, redo, gathered, blob, payloads, give_up)
+                except (GatherFailed, ValueError) as e:
+                    raise RoundFailed(f"all-gather of the payloads: {e}") from e
+                sent = allgather_bytes(n, payload_bytes)
+                done = time.monotonic()  # the exchange is the all-gather: its time sets the next allowance
+            else:
+                with averager.get_tensors() as buffers:
+                    mean = self.codecs.decode_values(buffers[0].detach().clone(), payloads)
+                sent = round_bytes(n, payload_bytes)
+            self.clock.observe(spread, done - started_allreduce if started_allreduce is not None else None)
             t_check = time.monotonic()
             agreed = self._check_agreement(f"{number}_{redo}", mean, [p.to_bytes() for p in gathered])
             if not agreed and redo < MAX_REDOS and time.monotonic() + 1.0 < give_up:
@@ -442,6 +495,31 @@ class HivemindAverager(Averager):
             if n < expected:
                 self.clock.missed()  # live peers were left out: widen the window for the next round
             return mean, n, float(sum(i["w"] for i in infos)), sent
+
+    def _mailbox_for(self) -> PayloadMailbox:
+        if self._mailbox is None:
+            self._mailbox = PayloadMailbox(self.dht, f"{self.cfg.run_id}_payloads")
+        return self._mailbox
+
+    def _gather_mean(
+        self, number: int, redo: int, gathered: dict, blob: bytes, payloads: list[Payload], give_up: float
+    ) -> list[torch.Tensor]:
+        """All-gather the group's payloads and return sum_j share_j decode(payload_j), in (rank, peer id) order:
+        the sim backend's arithmetic, so every member computes the same mean."""
+        assert self._mailbox is not None
+        order = sorted(gathered, key=lambda p: (gathered[p].get("rank") or 0, p.to_bytes()))
+        got = self._mailbox.exchange(number, redo, order, blob, deadline=give_up)
+        weights = torch.tensor([float(gathered[p]["w"]) for p in order], dtype=torch.float64)
+        shares = (weights / weights.sum()).tolist()
+        return self.codecs.decode_mean([got[p] for p in order], shares, payloads)
+
+    def state_dict(self) -> dict:
+        """The codecs' state (error-feedback residuals, PowerSGD's warm start): checkpointed with the run."""
+        return {"codecs": self.codecs.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "codecs" in state:
+            self.codecs.load_state_dict(state["codecs"])
 
     def _check_agreement(self, tag: str, mean: list[torch.Tensor], group: list[bytes]) -> bool:
         """Compare sketches of the average with the group (a peer lost mid-all-reduce leaves them different);
@@ -656,6 +734,10 @@ class HivemindAverager(Averager):
                 log.debug("averager shutdown: %r", e)
         self._averagers.clear()
         self._server = None
+        if self._mailbox is not None:
+            with contextlib.suppress(Exception):
+                self._mailbox.close()
+            self._mailbox = None
         try:
             if self.dht.is_alive():
                 self.dht.shutdown()

@@ -22,6 +22,7 @@ class SimAverager(Averager):
         self.codec_factory = codec_factory
         self.network = network
         self._codecs: dict[tuple[int, int], Codec] = {}
+        self.round = 0  # averaging rounds so far: shared randomness (random-k's indices) is keyed by it
 
     def _codec(self, worker: int, index: int) -> Codec:
         key = (worker, index)
@@ -48,11 +49,13 @@ class SimAverager(Averager):
                 if shares[w] == 0.0:
                     continue  # a masked (finished or dropped) worker contributes nothing and sends nothing
                 codec = self._codec(w, i)
+                codec.align_round(self.round)  # a worker masked in earlier rounds still picks this round's indices
                 payload = codec.encode(stacked[w])
                 payload_bytes[w] += payload.nbytes
                 acc.add_(codec.decode(payload), alpha=shares[w])
             raw_bytes += stacked[0].numel() * 4
             out.append(acc)
+        self.round += 1
         active = [b for b, s in zip(payload_bytes, shares, strict=True) if s > 0]
         mean_payload = sum(active) / len(active)
         # Payloads a real network cannot sum on the wire are all-gathered there (comm/exchange.py): priced so.
@@ -79,7 +82,8 @@ class SimAverager(Averager):
 
     def state_dict(self) -> dict:
         # Codecs may carry state across rounds (error feedback, PowerSGD); they are plain picklable objects.
-        return {"codecs": self._codecs}
+        return {"codecs": self._codecs, "round": self.round}
 
     def load_state_dict(self, state: dict) -> None:
         self._codecs = dict(state["codecs"])
+        self.round = int(state.get("round", 0))

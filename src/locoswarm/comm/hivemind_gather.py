@@ -1,0 +1,151 @@
+"""All-gather of codec payloads among a hivemind group, over the libp2p connections the DHT already holds.
+
+Hivemind's butterfly all-reduce can only carry codecs its receivers can decode (``deserialize_torch_tensor``
+dispatches on a closed protobuf enum: none, fp16, 8-bit quantile/uniform/blockwise), and it averages what it
+receives, so a codec whose payloads cannot be summed (top-k's indices, int8's per-block scales, PowerSGD's
+factors) needs another route. ``PayloadMailbox`` is that route: once hivemind's matchmaking has formed a group,
+each peer pushes its packed payload (``LocalCodecs.pack``) to every groupmate through a protobuf stream handler
+on a replica of the DHT's P2P client (public hivemind API: ``DHT.replicate_p2p``, ``P2P.add_protobuf_handler``,
+``P2P.call_protobuf_handler``), and waits until it holds every groupmate's payload for the round.
+
+The sender of a payload is the libp2p peer id of the connection (authenticated by libp2p), not a field the
+sender fills in; payloads of the wrong size and for rounds already finished are dropped on arrival.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P, P2PContext, PeerID
+from hivemind.proto import averaging_pb2, runtime_pb2
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20  # stream messages stay far below the daemon's 4 MiB message limit
+
+
+class GatherFailed(Exception):
+    """Some groupmate's payload did not arrive (or ours could not be delivered) before the deadline."""
+
+
+class PayloadMailbox:
+    """Sends this peer's round payload to groupmates and collects theirs (see the module docstring)."""
+
+    def __init__(self, dht: DHT, name: str):
+        self.name = name
+        self._cond = threading.Condition()
+        self._inbox: dict[tuple[int, int, bytes], bytes] = {}  # (round, redo, sender) -> payload
+        self._expect: dict[int, int] = {}  # round -> payload size we accept (set before a round's exchange)
+        self._oldest_round = 0  # payloads for earlier rounds are dropped
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="locoswarm-gather", daemon=True)
+        self._thread.start()
+        self._p2p: P2P = self._run(self._setup(dht), timeout=60)
+        self.peer_id = self._p2p.peer_id
+
+    def _run(self, coro, timeout: float):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    async def _setup(self, dht: DHT) -> P2P:
+        p2p = await dht.replicate_p2p()
+        await p2p.add_protobuf_handler(self.name, self._receive, averaging_pb2.AveragingData, stream_input=True)
+        return p2p
+
+    # ------------------------------------------------------------------ receiving (runs in the loop thread)
+    async def _receive(
+        self, requests: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> averaging_pb2.AveragingData:
+        header: tuple[int, int] | None = None
+        chunks: list[bytes] = []
+        async for msg in requests:
+            if header is None:
+                round_, _, redo = msg.group_id.decode().partition(":")
+                header = (int(round_), int(redo or 0))
+            chunks.append(msg.tensor_part.buffer)
+        if header is None:
+            return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        blob = b"".join(chunks)
+        with self._cond:
+            size = self._expect.get(header[0])
+            if header[0] < self._oldest_round or (size is not None and len(blob) != size):
+                log.debug("dropping a %d-byte payload for round %s from %s", len(blob), header, context.remote_id)
+                return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            self._inbox[(*header, context.remote_id.to_bytes())] = blob
+            self._cond.notify_all()
+        return averaging_pb2.AveragingData(code=averaging_pb2.ACCEPTED)
+
+    # ------------------------------------------------------------------ sending
+    async def _send(self, peer: PeerID, tag: bytes, blob: bytes) -> None:
+        async def messages() -> AsyncIterator[averaging_pb2.AveragingData]:
+            for i, start in enumerate(range(0, max(1, len(blob)), CHUNK_BYTES)):
+                part = runtime_pb2.Tensor(buffer=blob[start : start + CHUNK_BYTES])
+                yield averaging_pb2.AveragingData(group_id=tag if i == 0 else b"", tensor_part=part)
+
+        reply = await self._p2p.call_protobuf_handler(peer, self.name, messages(), averaging_pb2.AveragingData)
+        if reply.code != averaging_pb2.ACCEPTED:
+            raise GatherFailed(f"{peer} refused our payload ({averaging_pb2.MessageCode.Name(reply.code)})")
+
+    async def _send_all(self, peers: Iterable[PeerID], tag: bytes, blob: bytes) -> None:
+        await asyncio.gather(*(self._send(p, tag, blob) for p in peers))
+
+    # ------------------------------------------------------------------ one round
+    def expect(self, round_: int, size: int) -> None:
+        """Accept payloads of ``size`` bytes for ``round_`` (and forget rounds before it)."""
+        with self._cond:
+            self._expect[round_] = size
+            self._oldest_round = round_
+            for key in [k for k in self._inbox if k[0] < round_]:
+                del self._inbox[key]
+            for r in [r for r in self._expect if r < round_]:
+                del self._expect[r]
+
+    def exchange(
+        self, round_: int, redo: int, group: Sequence[PeerID], blob: bytes, deadline: float
+    ) -> dict[PeerID, bytes]:
+        """Send ``blob`` to every other member of ``group`` and return every member's payload (ours included).
+        ``deadline``: ``time.monotonic()`` by which all must have arrived, else ``GatherFailed``."""
+        others = [p for p in group if p != self.peer_id]
+        tag = f"{round_}:{redo}".encode()
+        sending = asyncio.run_coroutine_threadsafe(self._send_all(others, tag, blob), self._loop)
+        keys = {p: (round_, redo, p.to_bytes()) for p in others}
+        with self._cond:
+            arrived = self._cond.wait_for(
+                lambda: all(k in self._inbox for k in keys.values()), timeout=max(0.0, deadline - time.monotonic())
+            )
+            got = {p: self._inbox.pop(k) for p, k in keys.items() if k in self._inbox}
+        if not arrived:
+            sending.cancel()
+            missing = [str(p) for p in others if p not in got]
+            raise GatherFailed(f"no payload from {len(missing)} of {len(others)} groupmates: {', '.join(missing)}")
+        try:
+            sending.result(timeout=max(0.1, deadline - time.monotonic()))
+        except Exception as e:  # they sent us theirs, but ours did not all get through: the group cannot agree
+            raise GatherFailed(f"sending our payload failed: {type(e).__name__}: {e}") from e
+        got[self.peer_id] = blob
+        return got
+
+    async def _shutdown(self) -> None:
+        await self._p2p.remove_protobuf_handler(self.name, stream_input=True)
+        await self._p2p.shutdown()  # a replica: closes our connections to the daemon, never the daemon itself
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        if not self._loop.is_running():
+            return
+        with contextlib.suppress(Exception):
+            self._run(self._shutdown(), timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+        with self._cond:
+            self._inbox.clear()
