@@ -1,7 +1,7 @@
 """Analysis on top of run directories: ``load_runs(root)`` is one DataFrame row per run.
 
 Columns are the flattened config (``algorithm.inner_steps``, ``compression.name``, …) plus every
-``summary.json`` key, plus ``run_dir``. ``load_metrics(run_dir)`` gives that run's ``metrics.jsonl``.
+``summary.json`` key, plus ``run_dir`` and ``overrides`` (the run's command-line overrides, a list). ``load_metrics(run_dir)`` gives that run's ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         cfg_path = run_dir / ".hydra" / "config.yaml"
         if cfg_path.exists():
             row.update(_flatten(yaml.safe_load(cfg_path.read_text()) or {}))
+        overrides_path = run_dir / ".hydra" / "overrides.yaml"
+        row["overrides"] = (yaml.safe_load(overrides_path.read_text()) or []) if overrides_path.exists() else []
         row.update(json.loads(summary_path.read_text()))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -44,18 +46,36 @@ def load_metrics(run_dir: str | Path) -> pd.DataFrame:
         return pd.DataFrame([json.loads(line) for line in f if line.strip()])
 
 
+def run_labels(df: pd.DataFrame) -> list[str]:
+    """Each run's name, or, where names repeat (a multirun grid), the overrides that differ between runs."""
+    names = [str(n) for n in df["name"]] if "name" in df.columns else ["?"] * len(df)
+    if "overrides" not in df.columns or len(set(names)) == len(names):
+        return names
+    parsed = [dict(str(o).split("=", 1) for o in (ov if isinstance(ov, list) else []) if "=" in str(o))
+              for ov in df["overrides"]]  # fmt: skip
+    keys = sorted({k for p in parsed for k in p})
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    if not varying:
+        return names
+    return [" ".join(f"{k}={p[k]}" for k in varying if k in p) or n for p, n in zip(parsed, names, strict=True)]
+
+
 def comparison_table(df: pd.DataFrame) -> str:
     """A plain-text table: final val loss, tokens, bytes each worker sent, wall time, status."""
     cols = ["name", "final_val_loss", "tokens", "outer_steps", "bytes_sent_total", "wall_seconds", "sim_seconds",
             "status"]  # fmt: skip
+    labels = run_labels(df)
+    width = max([24, *(len(label) for label in labels)])
     header = (
-        f"{'run':<24} {'val loss':>9} {'tokens':>10} {'syncs':>6} {'MB sent/worker':>15} {'wall s':>8} {'status':>7}"
+        f"{'run':<{width}} {'val loss':>9} {'tokens':>10} {'syncs':>6} {'MB sent/worker':>15} {'wall s':>8} "
+        f"{'status':>7}"
     )
     lines = [header, "-" * len(header)]
-    for _, r in df[[c for c in cols if c in df.columns]].fillna({c: 0 for c in cols[2:-1]}).iterrows():
+    rows = df[[c for c in cols if c in df.columns]].fillna({c: 0 for c in cols[2:-1]})
+    for label, (_, r) in zip(labels, rows.iterrows(), strict=True):
         val = r.get("final_val_loss")  # a job that failed before training has only status and error
         lines.append(
-            f"{str(r.get('name', '?')):<24} {'-' if pd.isna(val) else f'{val:9.4f}':>9} {r.get('tokens', 0):>10.3g} "
+            f"{label:<{width}} {'-' if pd.isna(val) else f'{val:9.4f}':>9} {r.get('tokens', 0):>10.3g} "
             f"{int(r.get('outer_steps', 0)):>6} {r.get('bytes_sent_total', 0) / 1e6:>15.2f} "
             f"{r.get('wall_seconds', 0):>8.1f} {str(r.get('status', '?')):>7}"
         )
