@@ -103,22 +103,25 @@ def main() -> None:
           f"({'measured' if args.measure else f'= 35 ms x {params / 1e6:.1f}M / 124M, the H100 GPT-2 figure scaled'})")  # fmt: skip
     print(f"# K={args.workers} workers, {args.topology} all-reduce, latency {args.latency_ms} ms, "
           f"overlap={args.overlap}; cells: compute utilisation; last column: bandwidth for 95%")  # fmt: skip
-    header = f"| {'algorithm':<18} | {'payload':>9} |" + "".join(
+    header = f"| {'algorithm':<25} | {'payload':>9} |" + "".join(
         f" {fmt_bw(b) + 'bit/s':>9} |" for b in BANDWIDTHS_MBPS
     )
     print(header + f" {'95% needs':>10} |")
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|" + "-" * 12 + "|")
+    # int8 payloads carry per-block scales, so locoswarm's backends all-gather them (K-1 payloads each way, as the
+    # sim prices them); "+int8 reduce" is what a re-quantising all-reduce (hivemind-style, compressing twice) costs.
+    variants = (("none", "", False), ("int8", " +int8", True), ("int8", " +int8 reduce", False))
     for h, name in ((1, "ddp"), (50, "diloco H=50"), (500, "diloco H=500")):
-        for codec in ("none", "int8"):
+        for codec, suffix, allgather in variants:
             payload = payload_bytes(shapes, codec)
-            label = name + (" +int8" if codec == "int8" else "")
+            label = name + suffix
             cells = []
             for mbps in BANDWIDTHS_MBPS:
                 cfg = NetworkConfig(name="bench", bandwidth_mbps=mbps, latency_ms=args.latency_ms,
                                     topology=Topology(args.topology), overlap=args.overlap)  # fmt: skip
-                cells.append(utilisation(cfg, args.workers, h * step, payload))
-            need = required_bandwidth(net, args.workers, h * step, payload, 0.95)
-            print(f"| {label:<18} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
+                cells.append(utilisation(cfg, args.workers, h * step, payload, allgather))
+            need = required_bandwidth(net, args.workers, h * step, payload, 0.95, allgather)
+            print(f"| {label:<25} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
                   + f" {fmt_bw(need) + 'bit/s':>10} |")  # fmt: skip
 
 
