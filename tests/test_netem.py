@@ -144,7 +144,9 @@ def test_sim_predicts_the_testbed(tmp_path):
     """The issue's validation: the same 4-peer DiLoCo config, real hivemind peers on 10 Mbit/s shaped links vs
     the sim backend's NetworkModel (network=testbed): round time within 20%, on-wire bytes within 10%."""
     before = set(netem.list_run_namespaces())
-    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--validate", "--timeout", "300", *SWARM],
+    # the README's command: conf/experiment/netem_validation.yaml is the SWARM config above, named
+    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--validate", "--timeout", "300",
+                        "experiment=netem_validation"],
                        env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
     result = json.loads((tmp_path / "netem.json").read_text())
     print(p.stdout, p.stderr[-3000:])

@@ -17,6 +17,7 @@ from locoswarm.cli.train import CONF_DIR, to_config
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+SINGLE_RUN = {"netem_validation"}
 EXE = str(Path(sys.executable).with_name("locoswarm-train"))
 SHRINK = [
     "data.synthetic_tokens=60000", "data.chunk_tokens=1024", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
@@ -46,7 +47,11 @@ def test_experiment_composes_and_every_grid_point_validates(name: str) -> None:
     text = path.read_text()
     assert text.startswith("# @package _global_") and "Hypothesis:" in text
     cfg = compose_hydra([f"experiment={name}"])
-    params = dict(cfg.hydra.sweeper.params)
+    params = dict(cfg.hydra.sweeper.params or {})
+    if name in SINGLE_RUN:  # a named configuration for one run (e.g. locoswarm-netem's validation), not a grid
+        assert not params and "Run" in text
+        to_config(compose_hydra([f"experiment={name}"], hydra=False))  # composes and validates
+        return
     assert params, f"{name}: no hydra.sweeper.params, so `-m experiment={name}` would not expand a grid"
     assert cfg.hydra.sweep.dir == f"multirun/{name}"  # a fixed folder: re-running the study skips finished runs
     points = grid(params)
