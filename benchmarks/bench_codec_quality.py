@@ -1,8 +1,9 @@
 """Quality vs bytes: one tiny-model DiLoCo run per codec (sim backend, same seed and data), final val loss
 against the bytes each worker sent, as a markdown table. Bytes are what a real backend sends: summable codecs'
-payloads are all-reduced (2(K-1)/K payloads each way), the others all-gathered (K-1 payloads; comm/exchange.py).
+payloads are all-reduced (2(K-1)/K payloads each way), blockwise quantisers' reduce-scattered and re-quantised
+(as much), the others all-gathered (K-1 payloads; comm/exchange.py).
 
-    python benchmarks/bench_codec_quality.py [--steps 300] [--workers 4] [--out runs/codec_quality]
+    python benchmarks/bench_codec_quality.py [--steps 300] [--workers 4] [--out runs/codec_quality] [--only int8,topk]
 
 Every row is a full training run through the same harness `locoswarm-train` uses; the run dirs are kept
 under --out so the numbers can be re-read with `locoswarm.analysis.load_runs`.
@@ -60,10 +61,14 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--data", default="shakespeare")
     ap.add_argument("--out", default="runs/codec_quality")
+    ap.add_argument("--only", default="", help="comma-separated codec names to run (default: all; none always runs)")
     args = ap.parse_args()
+    only = {"none", *args.only.split(",")} if args.only else None
 
     rows = []
     for name, extra in CODECS:
+        if only is not None and name not in only:
+            continue
         cfg = config(args, name, extra)
         run_dir = Path(args.out) / cfg.name.replace("=", "").replace(".", "p")
         done = run_dir / "summary.json"
@@ -71,7 +76,8 @@ def main() -> None:
         s = json.loads(done.read_text()) if done.exists() else {}
         if s.get("status") != "ok" or s.get("config_hash") != config_hash(cfg):
             s = train(cfg, run_dir)
-        exchange = "all-reduce" if make_codec(cfg.compression).summable else "all-gather"
+        codec = make_codec(cfg.compression)
+        exchange = "all-reduce" if codec.summable else "reduce-scatter" if codec.reducible else "all-gather"
         rows.append((cfg.name, s["final_val_loss"], s["bytes_sent_total"], s["compression_ratio"], exchange))
         print(f"{cfg.name:<36} val {s['final_val_loss']:.4f}  sent {s['bytes_sent_total'] / 1e6:8.2f} MB", flush=True)
     base_loss, base_bytes = rows[0][1], rows[0][2]

@@ -9,7 +9,8 @@ machine's CUDA device instead (both shapes, side by side).
 Every cell is ``locoswarm.netsim.utilisation``: the same NetworkModel the sim backend prices runs with, for K
 workers with uniform links, each round = H steps of compute then one all-reduce of the pseudo-gradient (ddp:
 one step and a gradient all-reduce). Payloads come from the codecs themselves (``Codec.wire_nbytes`` on every
-parameter tensor): int8 is 1 byte per entry plus an fp32 scale per 64-entry block.
+parameter tensor): int8 is 1 byte per entry plus an fp32 scale per 64-entry block, exchanged by a re-quantising
+reduce-scatter (priced as an all-reduce); sign, 1 bit plus a scale per block, all-gathered.
 
     .venv/bin/python benchmarks/bench_utilisation.py [--workers 8] [--latency-ms 0] [--topology ring] [--overlap]
 """
@@ -24,7 +25,7 @@ import torch
 from locoswarm.compression import make_codec
 from locoswarm.config import CompressionConfig, NetworkConfig, Topology
 from locoswarm.model import GPT, GPTShape
-from locoswarm.netsim import required_bandwidth, utilisation
+from locoswarm.netsim import codec_allgathers, required_bandwidth, utilisation
 
 GPT2_PARAMS = 124e6  # GPT-2 small as usually counted (tied embeddings, vocab 50257, 1024 positions)
 GPT2_STEP_SECONDS = 0.035  # measured on an H100 for a 16 x 1024-token step (the issue's figure)
@@ -103,16 +104,18 @@ def main() -> None:
           f"({'measured' if args.measure else f'= 35 ms x {params / 1e6:.1f}M / 124M, the H100 GPT-2 figure scaled'})")  # fmt: skip
     print(f"# K={args.workers} workers, {args.topology} all-reduce, latency {args.latency_ms} ms, "
           f"overlap={args.overlap}; cells: compute utilisation; last column: bandwidth for 95%")  # fmt: skip
-    header = f"| {'algorithm':<25} | {'payload':>9} |" + "".join(
+    header = f"| {'algorithm':<31} | {'payload':>9} |" + "".join(
         f" {fmt_bw(b) + 'bit/s':>9} |" for b in BANDWIDTHS_MBPS
     )
     print(header + f" {'95% needs':>10} |")
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|" + "-" * 12 + "|")
-    # int8 payloads carry per-block scales, so locoswarm's backends all-gather them (K-1 payloads each way, as the
-    # sim prices them); "+int8 reduce" is what a re-quantising all-reduce (hivemind-style, compressing twice) costs.
-    variants = (("none", "", False), ("int8", " +int8", True), ("int8", " +int8 reduce", False))
+    # int8 is reduce-scattered and re-quantised (2(K-1)/K payloads each way, like an all-reduce); for contrast,
+    # "+sign" (1/8 byte per entry + block scales, 5.7x smaller than int8) can only be all-gathered (K-1 payloads):
+    # at K=8 that eats most of its advantage (1.4x fewer bytes than int8). Both priced as the backends send them.
+    variants = (("none", ""), ("int8", " +int8"), ("sign", " +sign (all-gather)"))
     for h, name in ((1, "ddp"), (50, "diloco H=50"), (500, "diloco H=500")):
-        for codec, suffix, allgather in variants:
+        for codec, suffix in variants:
+            allgather = codec_allgathers(codec)
             payload = payload_bytes(shapes, codec)
             label = name + suffix
             cells = []
@@ -121,7 +124,7 @@ def main() -> None:
                                     topology=Topology(args.topology), overlap=args.overlap)  # fmt: skip
                 cells.append(utilisation(cfg, args.workers, h * step, payload, allgather))
             need = required_bandwidth(net, args.workers, h * step, payload, 0.95, allgather)
-            print(f"| {label:<25} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
+            print(f"| {label:<31} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
                   + f" {fmt_bw(need) + 'bit/s':>10} |")  # fmt: skip
 
 

@@ -1,12 +1,12 @@
-"""comm/exchange.py without a network: the two ways a real backend turns peers' payloads into the weighted mean
-(sum the wire buffers, or gather and decode) give what the sim backend computes."""
+"""comm/exchange.py without a network: the three ways a real backend turns peers' payloads into the weighted mean
+(sum the wire buffers, reduce-scatter and re-quantise, or gather and decode) give what the sim backend computes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from locoswarm.comm.exchange import LocalCodecs, allgather_bytes
+from locoswarm.comm.exchange import LocalCodecs, allgather_bytes, owner_blocks
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory, make_codec
 from locoswarm.config import CompressionConfig, NetworkConfig
@@ -15,6 +15,7 @@ from locoswarm.netsim import NetworkModel
 SHAPES = [(32, 24), (24,), (500,)]
 WEIGHTS = [1.0, 3.0, 2.0]
 SUMMABLE = {"none", "fp16", "bf16", "randomk"}
+REDUCIBLE = {"int8", "int4"}
 
 
 def cfg(name: str) -> CompressionConfig:
@@ -39,6 +40,7 @@ def sim_rounds(name: str, rounds: int) -> list[list[torch.Tensor]]:
 def test_the_exchange_computes_the_sims_mean(name):
     peers = [LocalCodecs(cfg(name), run_seed=3) for _ in WEIGHTS]
     assert all(p.summable == (name in SUMMABLE) for p in peers)
+    assert all(p.reducible == (name in REDUCIBLE) for p in peers)
     assert make_codec(cfg(name)).summable == (name in SUMMABLE)
     shares = (torch.tensor(WEIGHTS, dtype=torch.float64) / sum(WEIGHTS)).tolist()
     reference = sim_rounds(name, 3)
@@ -46,7 +48,18 @@ def test_the_exchange_computes_the_sims_mean(name):
         payloads = [p.encode(x, round_=r) for p, x in zip(peers, peer_inputs(r), strict=True)]
         blobs = [LocalCodecs.pack(ps) for ps in payloads]
         assert all(len(b) == peers[0].packed_size(peer_inputs(r)[0]) for b in blobs)
-        # gather-and-decode is the sim's arithmetic exactly, for every codec
+        if name in REDUCIBLE:  # reduce-scatter, re-quantise, gather: the sim runs the same chunks, bit for bit
+            n = len(peers)
+            sent = [p.split(ps, n) for p, ps in zip(peers, payloads, strict=True)]  # sent[i][j]: i -> owner j
+            reduced = [peers[j].reduce_owned(j, n, [s[j] for s in sent], shares, payloads[j]) for j in range(n)]
+            mean = peers[1].assemble(reduced, payloads[1])
+            for mine, ref in zip(mean, reference[r], strict=True):
+                assert torch.equal(mine, ref), (name, r)
+            return_trip = peers[0].chunk_sizes(payloads[0], n)
+            assert [len(b) for b in reduced] == return_trip == [len(b) for b in sent[2]]
+            assert sum(return_trip) == sum(p.nbytes for p in payloads[0])  # chunks partition the payload
+            continue
+        # gather-and-decode is the sim's arithmetic exactly, for every other codec
         gathered = peers[1].decode_mean(blobs, shares, payloads[1])
         for mine, ref in zip(gathered, reference[r], strict=True):
             assert torch.equal(mine, ref), (name, r)
@@ -57,6 +70,51 @@ def test_the_exchange_computes_the_sims_mean(name):
             tol = {"fp16": 2**-10, "bf16": 2**-7}.get(name, 1e-6)
             for mine, ref in zip(decoded, reference[r], strict=True):
                 assert ((mine - ref).abs().max() / ref.abs().max()).item() <= tol, (name, r)
+
+
+@pytest.mark.parametrize(("name", "levels"), [("int8", 127), ("int4", 7)])
+@pytest.mark.parametrize("owners", [1, 2, 3, 5])
+def test_reduce_scatter_is_the_requantised_mean(name, levels, owners):
+    """Against the definition: owners' chunks together are the weighted mean of the decoded payloads, quantised
+    once more, so within half a quantisation step of it (block scales from the mean's own absmax)."""
+    weights = torch.rand(owners, generator=torch.Generator().manual_seed(owners)) + 0.1
+    shares = (weights.double() / weights.double().sum()).tolist()
+    peers = [LocalCodecs(CompressionConfig(name=name, block_size=8), run_seed=0) for _ in range(owners)]
+    inputs = [[torch.randn(s) * (i + 1) for s in SHAPES] for i in range(owners)]
+    payloads = [p.encode(x) for p, x in zip(peers, inputs, strict=True)]
+    sent = [p.split(ps, owners) for p, ps in zip(peers, payloads, strict=True)]
+    reduced = [peers[j].reduce_owned(j, owners, [s[j] for s in sent], shares, payloads[j]) for j in range(owners)]
+    mean = peers[0].assemble(reduced, payloads[0])
+    codec = peers[0].codecs(len(SHAPES))[0]
+    for i, shape in enumerate(SHAPES):
+        exact = sum(s * codec.decode(ps[i]) for s, ps in zip(shares, payloads, strict=True))
+        assert mean[i].shape == exact.shape == shape
+        block_absmax = exact.reshape(-1)
+        block_absmax = torch.cat([block_absmax, block_absmax.new_zeros(-len(block_absmax) % 8)]).reshape(-1, 8)
+        bound = (block_absmax.abs().amax(1) / (2 * levels) * (1 + 1e-5) + 1e-7).repeat_interleave(8)[: exact.numel()]
+        assert ((mean[i] - exact).reshape(-1).abs() <= bound).all(), (name, owners, i)
+        # and re-quantising is not a no-op: the result is on the mean's own grid, not the inputs'
+    assert [lo for lo, _ in owner_blocks(10, 3)] == [0, 3, 6] and owner_blocks(10, 3)[-1] == (6, 10)
+
+
+def test_odd_int4_blocks_fall_back_to_the_all_gather():
+    """int4 packs two codes per byte: with an odd block size a chunk would start mid-byte, so it is all-gathered."""
+    assert not make_codec(CompressionConfig(name="int4", block_size=7)).reducible
+    assert make_codec(CompressionConfig(name="int8", block_size=7)).reducible
+    assert make_codec(CompressionConfig(name="int4", block_size=8, error_feedback=True)).reducible
+
+
+def test_a_bad_chunk_is_refused_before_anything_is_accumulated():
+    codecs = LocalCodecs(cfg("int8"), run_seed=0)
+    x = [torch.randn(s) for s in SHAPES]
+    payloads = codecs.encode(x)
+    chunks = codecs.split(payloads, 2)
+    with pytest.raises(ValueError, match="expected"):
+        codecs.reduce_owned(0, 2, [chunks[0], chunks[0][:-1]], [0.5, 0.5], payloads)
+    bad = bytearray(chunks[0])
+    bad[-4:] = bytes.fromhex("0000c07f")  # the chunk's last fp32 scale becomes NaN
+    with pytest.raises(ValueError, match="NaN"):
+        codecs.reduce_owned(0, 2, [chunks[0], bytes(bad)], [0.5, 0.5], payloads)
 
 
 def test_a_bad_blob_is_refused_before_anything_is_accumulated():

@@ -1,8 +1,8 @@
 """Compression on backend=hivemind: 3 real peer processes on 127.0.0.1 average pseudo-gradients through their
 codecs, two rounds each, and must agree with the sim backend's ``SimAverager`` on the same inputs.
 
-all-gathered codecs (topk, int8, powersgd, ...) decode every payload on every peer in rank order, so they equal
-sim bit for bit; butterfly codecs (none, randomk) equal it to float32 rounding; fp16 is compressed a second
+all-gathered codecs (topk, powersgd, ...) decode every payload on every peer in rank order, and reduce-scattered
+ones (int8, int4) re-quantise each chunk's mean at its owner exactly as sim does, so both equal sim bit for bit; butterfly codecs (none, randomk) equal it to float32 rounding; fp16 is compressed a second
 time by hivemind (the averaged part on its way back), so it is within fp16 rounding of the mean.
 """
 
@@ -100,16 +100,16 @@ def sim_reference(name: str) -> list[list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    ("name", "tolerance", "allgather"),
+    ("name", "tolerance", "exchange"),
     [
-        ("topk", 0.0, True),  # all-gathered: the sim's arithmetic, bit for bit
-        ("int8", 0.0, True),
-        ("powersgd", 0.0, True),
-        ("randomk", 1e-6, False),  # butterfly over the k shared-index values: float32 rounding of the sum
-        ("fp16", 2**-10, False),  # hivemind re-casts the averaged part to fp16: one more rounding of the mean
+        ("topk", 0.0, "gather"),  # all-gathered: the sim's arithmetic, bit for bit
+        ("int8", 0.0, "reduce"),  # reduce-scattered and re-quantised per chunk: the sim's chunks, bit for bit
+        ("powersgd", 0.0, "gather"),
+        ("randomk", 1e-6, "butterfly"),  # butterfly over the k shared-index values: float32 rounding of the sum
+        ("fp16", 2**-10, "butterfly"),  # hivemind re-casts the averaged part to fp16: one more rounding of the mean
     ],
 )
-def test_peers_average_through_their_codecs_like_sim(name, tolerance, allgather):
+def test_peers_average_through_their_codecs_like_sim(name, tolerance, exchange):
     ctx = mp.get_context("spawn")
     peers_q, out_q = ctx.Queue(), ctx.Queue()
     run_id = f"cmp{os.getpid()}{name}"
@@ -131,10 +131,16 @@ def test_peers_average_through_their_codecs_like_sim(name, tolerance, allgather)
     for rank, results in got.items():
         for r, res in enumerate(results):
             assert res["group"] == PEERS, (rank, r, res["group"])
-            assert res["allgather"] == allgather
-            expected = (
-                (PEERS - 1) * res["payload_bytes"] if allgather else 2 * (PEERS - 1) / PEERS * res["payload_bytes"]
-            )
+            assert res["allgather"] == (exchange == "gather")
+            payload = res["payload_bytes"]
+            if exchange == "reduce":  # its slices to the 2 other owners, then its reduced chunk to both of them
+                like = LocalCodecs(compression(name), 7).encode(inputs(rank, r))
+                own = LocalCodecs(compression(name), 7).chunk_sizes(like, PEERS)[rank]
+                expected = payload - own + (PEERS - 1) * own
+            elif exchange == "gather":
+                expected = (PEERS - 1) * payload
+            else:
+                expected = 2 * (PEERS - 1) / PEERS * payload
             assert res["bytes_sent"] == pytest.approx(expected)
             assert res["payload_bytes"] < sum(torch.Size(s).numel() * 4 for s in SHAPES)  # really compressed
             for mine, ref in zip(map(torch.from_numpy, res["tensors"]), reference[r], strict=True):

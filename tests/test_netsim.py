@@ -163,13 +163,21 @@ def test_allgather_pricing(k):
 
 
 def test_sim_prices_what_the_real_backends_send():
-    """topk's payloads are all-gathered on a real network, randomk's all-reduced: the sim counts them so."""
+    """topk's payloads are all-gathered on a real network, randomk's all-reduced, int8's reduce-scattered and
+    gathered (re-quantised, as much as an all-reduce): the sim counts them so."""
     from locoswarm.comm.sim import SimAverager
     from locoswarm.compression import codec_factory
 
     model = NetworkModel(net(bandwidth_mbps=100, latency_ms=0, topology="butterfly"), 4)
     x = [torch.randn(4, 1000)]
-    for name, allgather in (("topk", True), ("randomk", False), ("int8", True), ("fp16", False)):
+    for name, allgather in (
+        ("topk", True),
+        ("randomk", False),
+        ("int8", False),
+        ("int4", False),
+        ("sign", True),
+        ("fp16", False),
+    ):
         r = SimAverager(codec_factory(CompressionConfig(name=name, ratio=0.1), 0), model).average(x, torch.ones(4))
         assert r.allgather == allgather
         assert r.bytes_sent == pytest.approx(r.payload_bytes * (3 if allgather else 1.5))
@@ -189,10 +197,13 @@ def test_plan_table_rows_and_cli(capsys):
     assert [(r["algorithm"], r["codec"]) for r in rows] == [
         ("ddp", "none"), ("ddp", "int8"), ("diloco H=50", "none"), ("diloco H=50", "int8"),
     ]  # fmt: skip
-    # H=50 needs 1/50 of ddp's bandwidth (no latency); int8 payloads are (1 + 4/64)/4 of fp32's but cannot be
-    # summed on the wire, so they are all-gathered: (K-1) payloads instead of 2(K-1)/K, K/2 = 4x more per byte
+    # H=50 needs 1/50 of ddp's bandwidth (no latency); int8 payloads are (1 + 4/64)/4 of fp32's and are
+    # reduce-scattered and gathered, re-quantised, like an all-reduce: the same factor in bandwidth
     assert rows[2]["mbps"] == pytest.approx(rows[0]["mbps"] / 50)
-    assert rows[1]["mbps"] == pytest.approx(rows[0]["mbps"] * (1 + 4 / 64) / 4 * 8 / 2)
+    assert rows[1]["mbps"] == pytest.approx(rows[0]["mbps"] * (1 + 4 / 64) / 4)
+    # sign's payloads can only be all-gathered: (K-1) payloads instead of 2(K-1)/K, K/2 = 4x more per byte
+    sign = plan_table(124e6, 0.035, 8, net(latency_ms=0), [1], ["sign"], 0.95)[0]
+    assert sign["mbps"] == pytest.approx(rows[0]["mbps"] * (1 / 8 + 4 / 64) / 4 * 8 / 2)
     from locoswarm.netsim import main
 
     assert main(["plan", "--params", "124e6", "--step-seconds", "0.035", "--codecs", "none,int8"]) == 0

@@ -117,7 +117,8 @@ def test_torchrun_gloo_matches_sim(tmp_path):
 # Three ranks for topk and randomk: with two, the all-gather's (K-1) payloads equal the ring's 2(K-1)/K.
 CODECS = {
     "topk-ef": (["compression=topk", "compression.ratio=0.1", "compression.error_feedback=true"], 3, 1e-6),
-    "int8": (["compression=int8"], 2, 1e-6),
+    "int8": (["compression=int8"], 3, 1e-6),
+    "int4+EF": (["compression=int4", "compression.error_feedback=true"], 2, 1e-6),
     "powersgd": (["compression=powersgd"], 2, 1e-6),
     "randomk": (["compression=randomk", "compression.ratio=0.25"], 3, 1e-5),
     "fp16": (["compression=fp16"], 2, 2.0**-11),
@@ -129,7 +130,7 @@ CODECS = {
 def test_torchrun_codecs_match_sim(tmp_path, codec):
     """Every rank's params and val loss are sim's (to the codec's tolerance), and the bytes are the exchange's."""
     from locoswarm.cli.swarm import compose_config
-    from locoswarm.comm.exchange import allgather_bytes
+    from locoswarm.comm.exchange import LocalCodecs, allgather_bytes
     from locoswarm.comm.torch_dist import ring_bytes
     from locoswarm.compression import make_codec
     from locoswarm.trainer import train
@@ -153,7 +154,13 @@ def test_torchrun_codecs_match_sim(tmp_path, codec):
     codec_ = make_codec(cfg.compression)
     payload = sum(codec_.wire_nbytes(tuple(a.shape), a.dtype) for a in anchor)
     ratio = payload / sum(4 * a.numel() for a in anchor)
-    per_round = ring_bytes(k, payload) if codec_.summable else allgather_bytes(k, payload)
+    per_round = ring_bytes(k, payload) if codec_.summable or codec_.reducible else allgather_bytes(k, payload)
+    per_rank = [per_round] * k
+    if codec_.reducible:  # rank r sends the others their slices and its reduced chunk to k-1 ranks: 2(k-1)/k mean
+        sizes = LocalCodecs(cfg.compression, cfg.seed).chunk_sizes(LocalCodecs(cfg.compression, 0).encode(anchor), k)
+        assert sum(sizes) == payload
+        per_rank = [payload - sizes[r] + (k - 1) * sizes[r] for r in range(k)]
+        assert sum(per_rank) / k == pytest.approx(per_round, rel=1e-12)
     assert ratio < 1
     assert sim["bytes_sent_total"] == pytest.approx(3 * per_round, rel=1e-12)
 
@@ -162,7 +169,7 @@ def test_torchrun_codecs_match_sim(tmp_path, codec):
         rank_dir = run if r == 0 else run / f"rank-{r}"
         s = json.loads((rank_dir / "summary.json").read_text())
         assert s["status"] == "ok" and s["outer_steps"] == 3, s
-        assert s["bytes_sent_total"] == pytest.approx(3 * per_round, rel=1e-12), (s["bytes_sent_total"], per_round)
+        assert s["bytes_sent_total"] == pytest.approx(3 * per_rank[r], rel=1e-12), (s["bytes_sent_total"], per_rank)
         rows = [json.loads(x) for x in (rank_dir / "metrics.jsonl").read_text().splitlines() if x]
         syncs = [row for row in rows if "group_size" in row]
         assert [row["group_size"] for row in syncs] == [k] * 3
@@ -217,3 +224,46 @@ def test_world_size_must_match_workers(tmp_path):
     rc, out, _ = torchrun(2, [*TINY, "workers=3", "train.max_steps=3", f"hydra.run.dir={tmp_path / 'bad'}"])
     assert rc != 0
     assert "workers=3 is invalid" in out
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk"])
+def test_ranks_without_weight_get_the_groups_mean(tmp_path, codec):
+    """A rank with weight 0 (a finished or dropped worker) sends nothing of its own but receives the mean of the
+    others, as ``sim`` masks that worker: bit for bit, for the reduce-scatter (int8, whose owners are then only
+    the ranks with weight) and the all-gather (topk+EF, whose skipped rank keeps its residual)."""
+    from torch_average_peer import inputs
+
+    from locoswarm.comm.sim import SimAverager
+    from locoswarm.compression import codec_factory
+    from locoswarm.config import CompressionConfig, NetworkConfig
+    from locoswarm.netsim import NetworkModel
+
+    weights = [[1.0, 0.0, 2.0], [0.0, 0.0, 5.0], [3.0, 1.0, 2.0]]
+    spec = ";".join(",".join(str(w) for w in row) for row in weights)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=3", "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}", str(Path(__file__).with_name("torch_average_peer.py")), str(tmp_path), codec,
+        spec,
+    ]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=RUN_LIMIT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(3)]
+
+    cfg = CompressionConfig(name=codec, ratio=0.25, error_feedback=True)
+    sim = SimAverager(codec_factory(cfg, 5), NetworkModel(NetworkConfig(), 3))
+    for r, row in enumerate(weights):
+        stacked = [torch.stack(ts) for ts in zip(*(inputs(k, r) for k in range(3)), strict=True)]
+        ref = sim.average(stacked, torch.tensor(row))
+        for rank in range(3):
+            res = got[rank][r]
+            assert res["group"] == sum(w > 0 for w in row) == ref.group_size
+            for mine, expected in zip(res["tensors"], ref.tensors, strict=True):
+                assert torch.equal(mine, expected), (codec, r, rank)
+        if codec == "int8":  # bytes are what each rank really moved; on average those of the sim's pattern
+            sent = [got[rank][r]["sent"] for rank in range(3)]
+            if ref.group_size == 1:
+                assert sent[row.index(5.0)] == pytest.approx(2 * ref.payload_bytes)  # passed on to both others
+            if ref.group_size == 3:
+                assert sum(sent) / 3 == pytest.approx(ref.bytes_sent)

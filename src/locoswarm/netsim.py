@@ -15,8 +15,10 @@ over the workers that take part (n of them, in rank order), for a payload of P b
   link, (n-1)/n P / min(u_i, d_i), plus the largest latency. Uniform links: 2(n-1)/n P/b + 2 l.
 - ``parameter_server``: every worker pushes P, the server returns the mean; the server's link (server_mbps)
   carries nP each way: 2 (max(P / b_worker, nP / b_server) + l). Uniform links, b_server = b: 2nP/b + 2l.
-- codecs whose payloads cannot be summed on the wire (int8, int4, sign, topk, powersgd: ``Codec.summable`` is
-  false) are all-gathered on ring and butterfly instead (what the real backends do, see ``comm/exchange.py``):
+- blockwise quantisers (int8, int4: ``Codec.reducible``) are averaged by a re-quantising reduce-scatter and
+  all-gather of the payload (``comm/exchange.py``): priced as an all-reduce of P, like summable codecs.
+- codecs whose payloads can be neither summed on the wire nor re-quantised per chunk (sign, topk, powersgd)
+  are all-gathered on ring and butterfly instead (what the real backends do, see ``comm/exchange.py``):
   ring: n-1 steps, each worker forwarding one whole payload to its successor, max_i (P / min(u_i, d_i+1) + lat);
   butterfly: every worker sends its payload straight to the n-1 others, (n-1) P / min(u_i, d_i) on the busiest
   link plus the largest latency. Uniform links: (n-1) P/b, i.e. n/2 times an all-reduce of the same payload.
@@ -224,11 +226,12 @@ def uniform_network(cfg: NetworkConfig, bandwidth_mbps: float) -> NetworkConfig:
 
 
 def codec_allgathers(compression: CompressionConfig | str) -> bool:
-    """Whether the codec's payloads are all-gathered (not summable on the wire), see ``comm/exchange.py``."""
+    """Whether the codec's payloads are all-gathered (neither summable nor reducible), see ``comm/exchange.py``."""
     from locoswarm.compression import make_codec
 
     cfg = CompressionConfig(name=compression) if isinstance(compression, str) else compression
-    return not make_codec(cfg).summable
+    codec = make_codec(cfg)
+    return not (codec.summable or codec.reducible)
 
 
 def steady_round(

@@ -1,19 +1,30 @@
 """Compressed exchange on a real network: what a peer sends for its codec, and how the group's payloads become
 the weighted mean. Shared by ``backend=torch`` and ``backend=hivemind`` (one worker per process).
 
-There are two ways, and the codec decides (``Codec.summable``):
+There are three ways, and the codec decides (``Codec.summable``, ``Codec.reducible``):
 
 - **all-reduce the wire buffer** (summable codecs: ``none``, ``fp16``, ``bf16``, ``randomk``). A payload is one
   ``values`` buffer that is linear in the input, and peers of one round agree on the rest (random-k's indices come
   from the shared seed and the round number, which every peer aligns to). Each peer encodes, the backend sums
   ``share x values`` across the group (a bandwidth-optimal all-reduce of only the wire bytes: random-k sends its
   k values and never an index), and everyone decodes the sum once.
-- **all-gather the payloads** (every other codec: ``int8``, ``int4``, ``sign``, ``topk``, ``powersgd``). Their
-  payloads carry per-peer scales, indices or factors, so they cannot be summed on the wire. Each peer sends its
-  whole payload to every groupmate, and every peer decodes all of them and sums ``share x decode`` in rank
-  order: exactly the ``sim`` backend's arithmetic, so the result matches it bit for bit. It costs (n-1) payloads
-  each way instead of the all-reduce's 2(n-1)/n, which is why ``NetworkModel`` prices these codecs as an
-  all-gather too.
+- **re-quantising reduce-scatter** (reducible codecs: ``int8``, ``int4``; blockwise quantisers). Their payloads
+  carry per-peer scales, so they cannot be summed, but they cut into chunks of whole blocks whose payloads are
+  slices of the whole one. The flattened tensor's blocks are split evenly over the group's n members in rank
+  order (``owner_blocks``); each peer sends owner j its payload's slice for chunk j; owner j decodes the n
+  slices, sums ``share x decode`` in rank order (fp32), re-encodes that mean with the codec (``requantizer``:
+  no error feedback, the owner has no residual of it) and sends it to everyone, who decode and concatenate.
+  So the group mean is quantised twice, like hivemind's compressed butterfly, and each peer sends
+  (n-1)/n + (n-1)/n of a payload, as an all-reduce does. The ``sim`` backend runs these same functions on the
+  same chunks, so real backends match it bit for bit.
+- **all-gather the payloads** (every other codec: ``sign``, ``topk``, ``powersgd``, and ``int4`` with an odd
+  block size). Their payloads carry per-peer indices, factors or bit-packed signs, so they can be neither summed
+  nor re-quantised per chunk. Each peer sends its whole payload to every groupmate, and every peer decodes all
+  of them and sums ``share x decode`` in rank order: exactly the ``sim`` backend's arithmetic, so the result
+  matches it bit for bit. It costs (n-1) payloads each way instead of the all-reduce's 2(n-1)/n, which is why
+  ``NetworkModel`` prices these codecs as an all-gather too, and why it stops paying off as groups grow.
+
+A group of one sends nothing: every way returns the peer's own decoded payload.
 
 Error feedback and PowerSGD's warm start live in this process's codecs (one per tensor), so they are checkpointed
 with the averager's ``state_dict``; nothing of them crosses the wire.
@@ -31,6 +42,39 @@ from locoswarm.compression import Codec, Payload, codec_factory
 def allgather_bytes(group: int, payload_bytes: float) -> float:
     """Bytes one peer sends (and receives) to all-gather a payload of ``payload_bytes`` in a group of ``group``."""
     return max(0, group - 1) * float(payload_bytes)
+
+
+# ---------------------------------------------------------------------- re-quantising reduce-scatter (reducible)
+def owner_blocks(blocks: int, owners: int) -> list[tuple[int, int]]:
+    """Blocks [lo, hi) of a tensor that each of ``owners`` group members reduces, in rank order (even split)."""
+    return [(j * blocks // owners, (j + 1) * blocks // owners) for j in range(owners)]
+
+
+def chunk_payloads(codec: Codec, payload: Payload, owners: int) -> list[Payload]:
+    """One tensor's payload cut into the slices for each owner (views, no copy)."""
+    return [codec.slice_blocks(payload, lo, hi) for lo, hi in owner_blocks(codec.block_count(payload.shape), owners)]
+
+
+def reduce_chunk(requantizer: Codec, pieces: Sequence[Payload], shares: Sequence[float]) -> Payload:
+    """An owner's work: sum_j shares[j] * decode(pieces[j]) in the order given, re-encoded with ``requantizer``."""
+    acc: torch.Tensor | None = None
+    for piece, share in zip(pieces, shares, strict=True):
+        decoded = requantizer.decode(piece)
+        if acc is None:
+            acc = torch.zeros_like(decoded)
+        if share != 0.0:
+            acc.add_(decoded, alpha=share)
+    if acc is None:
+        raise ValueError("reduce_chunk needs at least one piece")
+    return requantizer.encode(acc)
+
+
+def assemble_chunks(codec: Codec, like: Payload, reduced: Sequence[Payload]) -> torch.Tensor:
+    """Every owner's reduced chunk of one tensor, decoded and put back in place (shape and dtype of ``like``)."""
+    requantizer = codec.requantizer()
+    parts = [requantizer.decode(piece) for piece in reduced]
+    flat = torch.cat(parts) if parts else torch.empty(0, dtype=like.dtype)
+    return flat.reshape(like.shape)
 
 
 class LocalCodecs:
@@ -74,6 +118,62 @@ class LocalCodecs:
             out.append(codec.decode(Payload({"values": values}, p.shape, p.dtype, dict(p.meta))))
             offset += n
         return out
+
+    # ------------------------------------------------------------------ reducible codecs: reduce-scatter, gather
+    @property
+    def reducible(self) -> bool:
+        return all(c.reducible for c in self.codecs(max(1, len(self._codecs))))
+
+    def split(self, payloads: Sequence[Payload], owners: int) -> list[bytes]:
+        """The wire bytes this worker sends each owner in stage 1: its slice of every tensor, in tensor order."""
+        per_tensor = [chunk_payloads(c, p, owners) for c, p in zip(self.codecs(len(payloads)), payloads, strict=True)]
+        return [b"".join(pieces[j].to_bytes() for pieces in per_tensor) for j in range(owners)]
+
+    def chunk_sizes(self, like: Sequence[Payload], owners: int) -> list[int]:
+        """Bytes of owner j's chunk (the same in both stages: the reduced chunk has the slice's layout)."""
+        sizes = [0] * owners
+        for codec, p in zip(self.codecs(len(like)), like, strict=True):
+            for j, (lo, hi) in enumerate(owner_blocks(codec.block_count(p.shape), owners)):
+                start, stop = codec.block_entries(p.shape, lo, hi)
+                sizes[j] += codec.wire_nbytes((stop - start,), p.dtype)
+        return sizes
+
+    def _pieces(self, blob: bytes, j: int, owners: int, like: Sequence[Payload]) -> list[Payload]:
+        """Owner j's chunk of every tensor, rebuilt from ``blob`` (length-checked; ``decode`` checks the rest)."""
+        expected = self.chunk_sizes(like, owners)[j]
+        if len(blob) != expected:
+            raise ValueError(f"chunk {j} of {owners} has {len(blob)} bytes, expected {expected}")
+        view, offset, pieces = memoryview(blob), 0, []
+        for codec, p in zip(self.codecs(len(like)), like, strict=True):
+            lo, hi = owner_blocks(codec.block_count(p.shape), owners)[j]
+            start, stop = codec.block_entries(p.shape, lo, hi)
+            size = codec.wire_nbytes((stop - start,), p.dtype)
+            pieces.append(
+                codec.requantizer().payload_from_bytes(
+                    view[offset : offset + size], (stop - start,), p.dtype, device=_device(p), meta={}
+                )
+            )
+            offset += size
+        return pieces
+
+    def reduce_owned(
+        self, j: int, owners: int, blobs: Sequence[bytes], shares: Sequence[float], like: Sequence[Payload]
+    ) -> bytes:
+        """Owner j's stage 2: the group's slices of chunk j (one blob per member, in rank order) -> the chunk's
+        re-encoded weighted mean, as wire bytes. A malformed blob raises ``ValueError`` before any work."""
+        per_peer = [self._pieces(blob, j, owners, like) for blob in blobs]
+        codecs = self.codecs(len(like))
+        return b"".join(
+            reduce_chunk(codecs[i].requantizer(), [pieces[i] for pieces in per_peer], shares).to_bytes()
+            for i in range(len(like))
+        )
+
+    def assemble(self, reduced: Sequence[bytes], like: Sequence[Payload]) -> list[torch.Tensor]:
+        """Every owner's reduced chunk (in rank order) -> the group mean of every tensor."""
+        owners = len(reduced)
+        per_owner = [self._pieces(blob, j, owners, like) for j, blob in enumerate(reduced)]
+        codecs = self.codecs(len(like))
+        return [assemble_chunks(codecs[i], p, [pieces[i] for pieces in per_owner]) for i, p in enumerate(like)]
 
     # ------------------------------------------------------------------ other codecs: all-gather whole payloads
     @staticmethod

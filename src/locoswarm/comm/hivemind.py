@@ -21,12 +21,14 @@ Compression (``compression=...``, the same config as on ``sim``; see ``comm/exch
     | --- | --- | --- |
     | none, randomk | the fp32 wire values (random-k: its k values, never an index), butterfly all-reduce | decoded once from the group's mean |
     | fp16 | the same butterfly with hivemind's own ``Float16Compression`` | compressed twice: each part on its way to its owner, and the averaged part on its way back (hivemind's design); our codec's first cast is exactly representable, so stage 1 adds nothing, stage 2 rounds the mean to fp16 |
-    | bf16, int8, int4, sign, topk, powersgd | the packed payload, all-gathered (``comm/hivemind_gather.py``) | every peer decodes every groupmate's payload and sums them in rank order: the ``sim`` backend's arithmetic, bit for bit |
+    | int8, int4 | stage 1: each peer's payload slice for the blocks owner j reduces, to owner j; stage 2: each owner's re-encoded chunk mean, to everyone (``comm/hivemind_gather.py``) | compressed twice like hivemind's butterfly: by each peer's codec, then the owner decodes the slices, sums them in rank order and re-encodes the mean; everyone decodes the chunks: the ``sim`` backend's arithmetic on the same chunks, bit for bit |
+    | bf16, sign, topk, powersgd | the packed payload, all-gathered (``comm/hivemind_gather.py``) | every peer decodes every groupmate's payload and sums them in rank order: the ``sim`` backend's arithmetic, bit for bit |
 
-    hivemind's butterfly cannot carry the last row: its receivers decode only hivemind's built-in compression
-    types (a closed protobuf enum), and it sums what it receives, which top-k indices, per-block scales and
-    low-rank factors do not allow; bf16 has no hivemind compression for fp32 buffers. For those codecs the
-    DecentralizedAverager still forms the group (matchmaking, weights, ranks), averaging a 1-element tensor.
+    hivemind's butterfly cannot carry the last two rows: its receivers decode only hivemind's built-in
+    compression types (a closed protobuf enum), and it sums what it receives, which top-k indices, per-block
+    scales and low-rank factors do not allow; bf16 has no hivemind compression for fp32 buffers. For those codecs
+    the DecentralizedAverager still forms the group (matchmaking, weights, ranks), averaging a 1-element tensor,
+    and the payloads travel over the same libp2p connections, peer to peer.
 
 Deadlines (``RoundClock``)
     Nothing a user must guess: the window is ``deadline_margin`` x the arrival spread measured within groups
@@ -58,7 +60,7 @@ Joining
 Bytes
     hivemind does not expose per-peer byte counters, so ``Round.bytes_sent`` / ``bytes_received`` are computed
     from the pattern: butterfly, with n peers and equal shares, 2(n-1)/n of the wire payload each way; all-gather,
-    n-1 payloads each way. ``Round.seconds`` is measured (matchmaking + exchange).
+    n-1 payloads each way; reduce-scatter, the slices and chunks this peer really sent. ``Round.seconds`` is measured (matchmaking + exchange).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import CompressionBase, Float16Compression, NoCompression
 from hivemind.dht import DHT
+from hivemind.p2p import PeerID
 from hivemind.utils.timed_storage import get_dht_time
 
 from locoswarm.comm.base import Averager, Round
@@ -345,12 +348,12 @@ class HivemindAverager(Averager):
         # once per round (error feedback advances here); rounds are counted from 0, as on sim and torch
         payloads = self.codecs.encode(local, round_=self.round)
         payload_bytes = sum(p.nbytes for p in payloads)
-        allgather = True
-        if self.codecs.summable:
-            wire = self.codecs.wire_values(payloads)
-            allgather = wire.dtype not in BUTTERFLY_WIRE
+        if self.codecs.summable and self.codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
+            mode = "butterfly"
+        else:
+            mode = "reduce" if self.codecs.reducible else "gather"
         try:
-            mean, group, total_weight, sent = self._run_round(number, payloads, weight, allgather)
+            mean, group, total_weight, sent = self._run_round(number, payloads, weight, mode)
         except RoundFailed as e:
             self.clock.missed()
             if self._others():
@@ -373,19 +376,20 @@ class HivemindAverager(Averager):
             compression_ratio=payload_bytes / max(1, sum(t.numel() * 4 for t in local)),
             payload_bytes=float(payload_bytes),
             total_weight=total_weight,
-            allgather=allgather,
+            allgather=mode == "gather",
         )
 
-    def _run_round(self, number: int, payloads: list[Payload], weight: float, allgather: bool):
+    def _run_round(self, number: int, payloads: list[Payload], weight: float, mode: str):
         """One round: find a group, exchange, check the group agrees. Returns (mean, group size, total weight,
-        bytes sent). ``allgather``: payloads go to every groupmate (comm/hivemind_gather.py) and the
-        DecentralizedAverager only forms the group; otherwise it all-reduces the summable wire values."""
-        if allgather:
+        bytes sent). ``mode``: "butterfly" all-reduces the summable wire values in the DecentralizedAverager;
+        "gather" (all-gather) and "reduce" (re-quantising reduce-scatter) send the payloads peer to peer
+        (comm/hivemind_gather.py) and the DecentralizedAverager only forms the group."""
+        if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
             averager = self._averager_for(local, NoCompression())
             blob = self.codecs.pack(payloads)
             mailbox = self._mailbox_for()
-            mailbox.expect(number, len(blob))
+            mailbox.expect(number, len(blob))  # no slice or chunk is larger than the whole payload
         else:
             wire = self.codecs.wire_values(payloads)
             local = [wire.to(torch.float32)]  # exact: fp16 values widen to fp32 and Float16Compression narrows back
@@ -457,15 +461,18 @@ class HivemindAverager(Averager):
                 raise RoundFailed(f"group mixed rounds {sorted(map(str, rounds))}")
             spread = max(i["t"] for i in infos) - min(i["t"] for i in infos) if infos else None
             n = len(gathered)
-            if allgather:
+            if mode != "butterfly":
                 if started_allreduce is None:
                     started_allreduce = done
                 try:
-                    mean = self._gather_mean(number, redo, gathered, blob, payloads, give_up)
+                    if mode == "gather":
+                        mean = self._gather_mean(number, redo, gathered, blob, payloads, give_up)
+                        sent = allgather_bytes(n, payload_bytes)
+                    else:
+                        mean, sent = self._reduce_mean(number, redo, gathered, payloads, give_up)
                 except (GatherFailed, ValueError) as e:
-                    raise RoundFailed(f"all-gather of the payloads: {e}") from e
-                sent = allgather_bytes(n, payload_bytes)
-                done = time.monotonic()  # the exchange is the all-gather: its time sets the next allowance
+                    raise RoundFailed(f"{mode} of the payloads: {e}") from e
+                done = time.monotonic()  # the exchange is the peer-to-peer one: its time sets the next allowance
             else:
                 with averager.get_tensors() as buffers:
                     mean = self.codecs.decode_values(buffers[0].detach().clone(), payloads)
@@ -512,6 +519,41 @@ class HivemindAverager(Averager):
         weights = torch.tensor([float(gathered[p]["w"]) for p in order], dtype=torch.float64)
         shares = (weights / weights.sum()).tolist()
         return self.codecs.decode_mean([got[p] for p in order], shares, payloads)
+
+    def _reduce_mean(
+        self, number: int, redo: int, gathered: dict, payloads: list[Payload], give_up: float
+    ) -> tuple[list[torch.Tensor], float]:
+        """Re-quantising reduce-scatter (comm/exchange.py): the members with weight own the blocks in (rank, peer id)
+        order; each sends every owner its slice, each owner re-encodes its chunk's weighted mean for everyone.
+        Returns (mean, bytes this peer sent)."""
+        assert self._mailbox is not None
+        me = self._mailbox.peer_id
+        order = sorted(gathered, key=lambda p: (gathered[p].get("rank") or 0, p.to_bytes()))
+        weights = torch.tensor([float(gathered[p]["w"]) for p in order], dtype=torch.float64)
+        shares = dict(zip(order, (weights / weights.sum()).tolist(), strict=True))
+        owners = [p for p in order if shares[p] != 0.0]
+        n = len(owners)
+        sizes = self.codecs.chunk_sizes(payloads, n)
+        reduced: dict[PeerID, bytes] = {}
+        to_send: dict[PeerID, bytes] = {}
+        sent = 0.0
+        if me in owners:
+            j = owners.index(me)
+            pieces = self.codecs.split(payloads, n)
+            if n == 1:
+                reduced[me] = pieces[0]  # nothing to average: the payload as is (sim decodes it once too)
+            else:
+                got = self._mailbox.send_and_receive(
+                    number, redo, "scatter", dict(zip(owners, pieces, strict=True)), owners, give_up
+                )
+                got[me] = pieces[j]
+                blobs = [got[p] for p in owners]
+                reduced[me] = self.codecs.reduce_owned(j, n, blobs, [shares[p] for p in owners], payloads)
+                sent += sum(sizes) - sizes[j]
+            to_send = {p: reduced[me] for p in order if p != me}
+            sent += len(to_send) * sizes[j]
+        reduced.update(self._mailbox.send_and_receive(number, redo, "reduced", to_send, owners, give_up))
+        return self.codecs.assemble([reduced[p] for p in owners], payloads), sent
 
     def state_dict(self) -> dict:
         """The codecs' state (error-feedback residuals, PowerSGD's warm start): checkpointed with the run."""

@@ -1,15 +1,19 @@
-"""All-gather of codec payloads among a hivemind group, over the libp2p connections the DHT already holds.
+"""Point-to-point exchange of codec payloads among a hivemind group, over the libp2p connections the DHT already
+holds: the all-gather of non-summable payloads and the two stages of the re-quantising reduce-scatter of
+reducible ones (``comm/exchange.py``).
 
 Hivemind's butterfly all-reduce can only carry codecs its receivers can decode (``deserialize_torch_tensor``
 dispatches on a closed protobuf enum: none, fp16, 8-bit quantile/uniform/blockwise), and it averages what it
 receives, so a codec whose payloads cannot be summed (top-k's indices, int8's per-block scales, PowerSGD's
 factors) needs another route. ``PayloadMailbox`` is that route: once hivemind's matchmaking has formed a group,
-each peer pushes its packed payload (``LocalCodecs.pack``) to every groupmate through a protobuf stream handler
-on a replica of the DHT's P2P client (public hivemind API: ``DHT.replicate_p2p``, ``P2P.add_protobuf_handler``,
-``P2P.call_protobuf_handler``), and waits until it holds every groupmate's payload for the round.
+each peer pushes its bytes for each groupmate (the same packed payload to all for an all-gather; a different
+chunk to each owner for a reduce-scatter) through a protobuf stream handler on a replica of the DHT's P2P client
+(public hivemind API: ``DHT.replicate_p2p``, ``P2P.add_protobuf_handler``, ``P2P.call_protobuf_handler``), and
+waits until it holds what it expects from each groupmate for that round and stage.
 
 The sender of a payload is the libp2p peer id of the connection (authenticated by libp2p), not a field the
-sender fills in; payloads of the wrong size and for rounds already finished are dropped on arrival.
+sender fills in; payloads larger than the round allows and for rounds already finished are dropped on arrival
+(the exact length is checked by the decoder, ``LocalCodecs``).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ class PayloadMailbox:
     def __init__(self, dht: DHT, name: str):
         self.name = name
         self._cond = threading.Condition()
-        self._inbox: dict[tuple[int, int, bytes], bytes] = {}  # (round, redo, sender) -> payload
-        self._expect: dict[int, int] = {}  # round -> payload size we accept (set before a round's exchange)
+        self._inbox: dict[tuple[int, int, str, bytes], bytes] = {}  # (round, redo, stage, sender) -> payload
+        self._expect: dict[int, int] = {}  # round -> the largest payload we accept (set before a round's exchange)
         self._oldest_round = 0  # payloads for earlier rounds are dropped
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="locoswarm-gather", daemon=True)
@@ -61,19 +65,22 @@ class PayloadMailbox:
     async def _receive(
         self, requests: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> averaging_pb2.AveragingData:
-        header: tuple[int, int] | None = None
+        header: tuple[int, int, str] | None = None
         chunks: list[bytes] = []
         async for msg in requests:
             if header is None:
-                round_, _, redo = msg.group_id.decode().partition(":")
-                header = (int(round_), int(redo or 0))
+                try:
+                    round_, redo, stage = msg.group_id.decode().split(":")
+                    header = (int(round_), int(redo), stage)
+                except ValueError:
+                    return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
             chunks.append(msg.tensor_part.buffer)
         if header is None:
             return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
         blob = b"".join(chunks)
         with self._cond:
             size = self._expect.get(header[0])
-            if header[0] < self._oldest_round or (size is not None and len(blob) != size):
+            if header[0] < self._oldest_round or (size is not None and len(blob) > size):
                 log.debug("dropping a %d-byte payload for round %s from %s", len(blob), header, context.remote_id)
                 return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             self._inbox[(*header, context.remote_id.to_bytes())] = blob
@@ -91,12 +98,12 @@ class PayloadMailbox:
         if reply.code != averaging_pb2.ACCEPTED:
             raise GatherFailed(f"{peer} refused our payload ({averaging_pb2.MessageCode.Name(reply.code)})")
 
-    async def _send_all(self, peers: Iterable[PeerID], tag: bytes, blob: bytes) -> None:
-        await asyncio.gather(*(self._send(p, tag, blob) for p in peers))
+    async def _send_all(self, tag: bytes, blobs: dict[PeerID, bytes]) -> None:
+        await asyncio.gather(*(self._send(p, tag, blob) for p, blob in blobs.items()))
 
     # ------------------------------------------------------------------ one round
     def expect(self, round_: int, size: int) -> None:
-        """Accept payloads of ``size`` bytes for ``round_`` (and forget rounds before it)."""
+        """Accept payloads of at most ``size`` bytes for ``round_`` (and forget rounds before it)."""
         with self._cond:
             self._expect[round_] = size
             self._oldest_round = round_
@@ -108,12 +115,29 @@ class PayloadMailbox:
     def exchange(
         self, round_: int, redo: int, group: Sequence[PeerID], blob: bytes, deadline: float
     ) -> dict[PeerID, bytes]:
-        """Send ``blob`` to every other member of ``group`` and return every member's payload (ours included).
+        """All-gather: send ``blob`` to every other member of ``group`` and return every member's (ours included).
         ``deadline``: ``time.monotonic()`` by which all must have arrived, else ``GatherFailed``."""
         others = [p for p in group if p != self.peer_id]
-        tag = f"{round_}:{redo}".encode()
-        sending = asyncio.run_coroutine_threadsafe(self._send_all(others, tag, blob), self._loop)
-        keys = {p: (round_, redo, p.to_bytes()) for p in others}
+        got = self.send_and_receive(round_, redo, "gather", dict.fromkeys(others, blob), others, deadline)
+        got[self.peer_id] = blob
+        return got
+
+    def send_and_receive(
+        self,
+        round_: int,
+        redo: int,
+        stage: str,
+        send: dict[PeerID, bytes],
+        receive_from: Iterable[PeerID],
+        deadline: float,
+    ) -> dict[PeerID, bytes]:
+        """Send ``send[p]`` to each peer p and wait for one payload of this round and ``stage`` from each of
+        ``receive_from``; returns them by sender. Misses ``deadline`` (``time.monotonic()``): ``GatherFailed``."""
+        expected = [p for p in receive_from if p != self.peer_id]
+        tag = f"{round_}:{redo}:{stage}".encode()
+        send = {p: b for p, b in send.items() if p != self.peer_id}
+        sending = asyncio.run_coroutine_threadsafe(self._send_all(tag, send), self._loop)
+        keys = {p: (round_, redo, stage, p.to_bytes()) for p in expected}
         with self._cond:
             arrived = self._cond.wait_for(
                 lambda: all(k in self._inbox for k in keys.values()), timeout=max(0.0, deadline - time.monotonic())
@@ -121,13 +145,14 @@ class PayloadMailbox:
             got = {p: self._inbox.pop(k) for p, k in keys.items() if k in self._inbox}
         if not arrived:
             sending.cancel()
-            missing = [str(p) for p in others if p not in got]
-            raise GatherFailed(f"no payload from {len(missing)} of {len(others)} groupmates: {', '.join(missing)}")
+            missing = [str(p) for p in expected if p not in got]
+            raise GatherFailed(
+                f"{stage}: no payload from {len(missing)} of {len(expected)} groupmates: {', '.join(missing)}"
+            )
         try:
             sending.result(timeout=max(0.1, deadline - time.monotonic()))
         except Exception as e:  # they sent us theirs, but ours did not all get through: the group cannot agree
-            raise GatherFailed(f"sending our payload failed: {type(e).__name__}: {e}") from e
-        got[self.peer_id] = blob
+            raise GatherFailed(f"{stage}: sending our payload failed: {type(e).__name__}: {e}") from e
         return got
 
     async def _shutdown(self) -> None:

@@ -2,7 +2,9 @@
 
 Each local worker's contribution goes through its own codec (encode, count ``payload.nbytes``, decode), so
 lossy compression changes the numbers exactly as it would on a network, and the byte count is the real
-payload size priced by the network model's topology.
+payload size priced by the network model's topology. Blockwise quantisers (int8, int4) go through the real
+backends' re-quantising reduce-scatter (``comm/exchange.py``) on the same chunks, so the mean is quantised twice
+here too, and the real backends reproduce it bit for bit.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from locoswarm.comm.base import Averager, Round
+from locoswarm.comm.exchange import assemble_chunks, chunk_payloads, reduce_chunk
 from locoswarm.compression import Codec
 from locoswarm.netsim import NetworkModel, wire_bytes
 
@@ -41,25 +44,39 @@ class SimAverager(Averager):
         payload_bytes = [0] * local
         raw_bytes = 0
         out = []
+        # a masked (finished or dropped) worker contributes nothing and sends nothing
+        members = [w for w in range(local) if shares[w] != 0.0]
+        member_shares = [shares[w] for w in members]
         for i, stacked in enumerate(tensors):
             if stacked.shape[0] != local:
                 raise ValueError(f"tensor {i} has leading dim {stacked.shape[0]}, expected {local} local workers")
-            acc = torch.zeros_like(stacked[0])
-            for w in range(local):
-                if shares[w] == 0.0:
-                    continue  # a masked (finished or dropped) worker contributes nothing and sends nothing
-                codec = self._codec(w, i)
-                codec.align_round(self.round)  # a worker masked in earlier rounds still picks this round's indices
-                payload = codec.encode(stacked[w])
-                payload_bytes[w] += payload.nbytes
-                acc.add_(codec.decode(payload), alpha=shares[w])
+            codecs = [self._codec(w, i) for w in members]
+            for c in codecs:
+                c.align_round(self.round)  # a worker masked in earlier rounds still picks this round's indices
+            if codecs[0].reducible and len(members) > 1:
+                # the real backends' re-quantising reduce-scatter (comm/exchange.py), on the same chunks
+                payloads = [c.encode(stacked[w]) for c, w in zip(codecs, members, strict=True)]
+                for w, p in zip(members, payloads, strict=True):
+                    payload_bytes[w] += p.nbytes
+                n = len(members)
+                pieces = [chunk_payloads(c, p, n) for c, p in zip(codecs, payloads, strict=True)]
+                requantizer = codecs[0].requantizer()
+                chunks = [reduce_chunk(requantizer, [pp[j] for pp in pieces], member_shares) for j in range(n)]
+                out.append(assemble_chunks(codecs[0], payloads[0], chunks))
+            else:
+                acc = torch.zeros_like(stacked[0])
+                for codec, w in zip(codecs, members, strict=True):
+                    payload = codec.encode(stacked[w])
+                    payload_bytes[w] += payload.nbytes
+                    acc.add_(codec.decode(payload), alpha=shares[w])
+                out.append(acc)
             raw_bytes += stacked[0].numel() * 4
-            out.append(acc)
         self.round += 1
-        active = [b for b, s in zip(payload_bytes, shares, strict=True) if s > 0]
+        active = [payload_bytes[w] for w in members]
         mean_payload = sum(active) / len(active)
-        # Payloads a real network cannot sum on the wire are all-gathered there (comm/exchange.py): priced so.
-        allgather = not all(c.summable for c in self._codecs.values())
+        # Payloads a real network can neither sum on the wire nor re-quantise per chunk are all-gathered there
+        # (comm/exchange.py): priced so. Reduce-scatter + gather moves what an all-reduce does.
+        allgather = not all(c.summable or c.reducible for c in self._codecs.values())
         sent, received = zip(*(self._wire(b, len(active), allgather) for b in active), strict=True)
         return Round(
             tensors=out,

@@ -17,7 +17,15 @@ a round counter that keys random-k's shared indices, both in ``state_dict`` so a
   ``randomk`` match ``sim`` to float32 rounding. ``fp16``/``bf16`` also round each scaled buffer and every
   partial sum (each ring hop) to 2 bytes, where ``sim`` decodes and sums in fp32: they match ``sim`` to about
   their own precision, not bit for bit. gloo (torch 2.13, CPU) and nccl all-reduce fp16 and bf16 natively.
-- **other codecs** (``int8``, ``int4``, ``sign``, ``topk``, ``powersgd``, with or without error feedback): each
+- **reducible codecs** (``int8``, ``int4``: blockwise quantisers): the ranks' float64 token weights are
+  all-gathered first (8 bytes each), which fixes the group (the ranks with a positive weight, in rank order),
+  the shares (computed as ``sim`` does) and which blocks each member owns (``exchange.owner_blocks``). Stage 1:
+  every member sends each other member its payload's slice of that member's blocks (point-to-point,
+  ``batch_isend_irecv``); stage 2: each member decodes the slices it received, sums ``share x decode`` in rank
+  order, re-encodes the mean with the codec and sends it to every other rank, which decode and concatenate.
+  That is ``sim``'s arithmetic on the same chunks, so the result equals ``sim``'s bit for bit, and each member
+  sends 2(n-1)/n of a payload on average, like an all-reduce. With one member, its payload is passed on as is.
+- **other codecs** (``sign``, ``topk``, ``powersgd``, ``int4`` with an odd block size; with or without EF): each
   rank packs its whole payload (``packed_size`` bytes, the same on every rank) behind its float64 token weight,
   and one all-gather of those uint8 buffers hands every rank every payload; every rank decodes all of them and
   sums ``share x decode`` in rank order with the shares computed as ``sim`` does, so the result equals ``sim``'s
@@ -31,8 +39,8 @@ torch.distributed is not fault tolerant: a rank that dies fails the job (after `
 
 Bytes: torch.distributed does not report them; ``Round.bytes_sent`` / ``bytes_received`` are those of the
 algorithm's wire pattern for this rank's payload: a bandwidth-optimal ring all-reduce (2(K-1)/K of it each way)
-for summable codecs, an all-gather ((K-1) payloads each way, ``Round.allgather``) for the others; the weights'
-8 bytes are not counted. ``Round.seconds`` is measured (encoding and decoding included).
+for summable codecs, what this rank really sent and received in the two stages for reducible ones, an all-gather
+((K-1) payloads each way, ``Round.allgather``) for the others; the weights' 8 bytes are not counted. ``Round.seconds`` is measured (encoding and decoding included).
 """
 
 from __future__ import annotations
@@ -115,20 +123,22 @@ class TorchDistAverager(Averager):
         raw_bytes = float(sum(r.numel() * 4 for r in rows))
         if codecs.summable:
             results, total, group = self._all_reduce(codecs, payloads, weight)
-            wire = ring_bytes(self.world, payload_bytes)
+            sent = received = ring_bytes(self.world, payload_bytes)
+        elif codecs.reducible:
+            results, total, group, sent, received = self._reduce_scatter(codecs, payloads, weight)
         else:
             results, total, group = self._all_gather(codecs, rows, payloads, weight)
-            wire = allgather_bytes(self.world, payload_bytes)
+            sent = received = allgather_bytes(self.world, payload_bytes)
         return Round(
             tensors=[r.to(t.device, t.dtype) for r, t in zip(results, tensors, strict=True)],
             group_size=group,
-            bytes_sent=wire,
-            bytes_received=wire,
+            bytes_sent=sent,
+            bytes_received=received,
             seconds=time.perf_counter() - t0,
             compression_ratio=payload_bytes / raw_bytes if raw_bytes else 1.0,
             payload_bytes=payload_bytes,
             total_weight=total,
-            allgather=not codecs.summable,
+            allgather=not (codecs.summable or codecs.reducible),
         )
 
     def _all_reduce(self, codecs: LocalCodecs, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
@@ -141,6 +151,52 @@ class TorchDistAverager(Averager):
         wire.mul_(weight / total)
         dist.all_reduce(wire)
         return codecs.decode_values(wire, payloads), total, group
+
+    def _reduce_scatter(self, codecs: LocalCodecs, payloads, weight: float):
+        """Reducible payloads: re-quantising reduce-scatter among the ranks with weight, then gather to all ranks.
+        Returns (mean per tensor, total weight, group size, bytes sent, bytes received)."""
+        mine = torch.tensor([weight], dtype=torch.float64, device=self.device)
+        everyone = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(everyone, mine)
+        weights = torch.cat(everyone).cpu()
+        total = float(weights.sum())
+        _check_total(total)
+        shares = (weights / weights.sum()).tolist()  # the sim backend's shares, in rank (= worker) order
+        members = [r for r in range(self.world) if shares[r] != 0.0]
+        n = len(members)
+        sizes = codecs.chunk_sizes(payloads, n)
+        owned = members.index(self.rank) if self.rank in members else None
+        sent = received = 0
+        reduced: list[bytes | None] = [None] * n
+        if owned is not None:
+            pieces = codecs.split(payloads, n)
+            if n == 1:
+                reduced[0] = pieces[0]  # nothing to average: the payload as is (sim decodes it once too)
+            else:  # stage 1: my slice of each member's blocks to that member; theirs of mine to me
+                inbox = {r: _empty(sizes[owned], self.device) for r in members if r != self.rank}
+                ops = [dist.P2POp(dist.irecv, t, r) for r, t in inbox.items()]
+                ops += [
+                    dist.P2POp(dist.isend, _tensor(pieces[j], self.device), r)
+                    for j, r in enumerate(members)
+                    if r != self.rank
+                ]
+                _run_p2p(ops)
+                sent += sum(sizes) - sizes[owned]
+                received += (n - 1) * sizes[owned]
+                blobs = [pieces[owned] if r == self.rank else _bytes(inbox[r]) for r in members]
+                reduced[owned] = codecs.reduce_owned(owned, n, blobs, [shares[r] for r in members], payloads)
+        # stage 2: every member's reduced chunk to every other rank (members and ranks without weight alike)
+        inbox = {j: _empty(sizes[j], self.device) for j, r in enumerate(members) if r != self.rank}
+        ops = [dist.P2POp(dist.irecv, t, members[j]) for j, t in inbox.items()]
+        if owned is not None:
+            chunk = _tensor(reduced[owned], self.device)
+            ops += [dist.P2POp(dist.isend, chunk, r) for r in range(self.world) if r != self.rank]
+            sent += (self.world - 1) * sizes[owned]
+        _run_p2p(ops)
+        received += sum(sizes[j] for j in inbox)
+        for j, t in inbox.items():
+            reduced[j] = _bytes(t)
+        return codecs.assemble(reduced, payloads), total, n, float(sent), float(received)
 
     def _all_gather(self, codecs: LocalCodecs, rows, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
         """Other payloads: all-gather [weight | payload] from every rank, decode all, sum share x decode (sim's)."""
@@ -174,6 +230,24 @@ class TorchDistAverager(Averager):
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _empty(size: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.uint8, device=device)
+
+
+def _tensor(blob: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if blob else _empty(0, device)
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def _run_p2p(ops: list) -> None:
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 def _check_total(total: float) -> None:

@@ -64,6 +64,12 @@ class Codec(ABC):
     # their shares) and decoding once equals the weighted mean of their decodes, so a real backend may all-reduce
     # the wire buffer itself; other codecs' payloads must be all-gathered and decoded one by one.
     summable: bool = False
+    # Reducible: the payload cuts into chunks of whole blocks, and a chunk's payload is the matching slice of the
+    # whole payload (``slice_blocks``): blockwise quantisers. A group then averages them with a re-quantising
+    # reduce-scatter (comm/exchange.py): the owner of each chunk decodes everyone's slice, takes the weighted mean
+    # and re-encodes it with ``requantizer()`` for everyone, which moves 2(n-1)/n payloads like an all-reduce
+    # instead of the all-gather's n-1.
+    reducible: bool = False
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> Payload: ...
@@ -78,6 +84,23 @@ class Codec(ABC):
     def wire_nbytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes on the wire for one tensor of this shape and dtype (no encoding needed)."""
         return sum(numel_ * _itemsize(dt) for _, dt, numel_ in self.layout(_shape(shape), dtype))
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        """Reducible codecs: the number of blocks a tensor of this shape is cut into."""
+        raise NotImplementedError(f"{self.name}: payloads do not split into blocks (reducible is False)")
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        """Reducible codecs: the payload of blocks [lo, hi) of the flattened tensor, as a 1-D tensor's payload
+        (a view into ``payload``'s buffers, not a copy)."""
+        raise NotImplementedError(f"{self.name}: payloads do not split into blocks (reducible is False)")
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        """Reducible codecs: the flat entry range [start, stop) that blocks [lo, hi) cover."""
+        raise NotImplementedError(f"{self.name}: payloads do not split into blocks (reducible is False)")
+
+    def requantizer(self) -> Codec:
+        """Reducible codecs: a stateless codec of the same wire format that re-encodes a chunk's group mean."""
+        raise NotImplementedError(f"{self.name}: payloads do not split into blocks (reducible is False)")
 
     def align_round(self, round_: int) -> None:  # noqa: B027 - only shared-randomness codecs need it
         """Use round ``round_``'s shared randomness for the next encode (random-k's indices). Peers of a real swarm

@@ -54,6 +54,23 @@ class ErrorFeedback(Codec):
     def summable(self) -> bool:  # the residual is local: the wire is the wrapped codec's
         return self.codec.summable
 
+    @property
+    def reducible(self) -> bool:
+        return self.codec.reducible
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return self.codec.block_count(shape)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        return self.codec.block_entries(shape, lo, hi)
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        return self.codec.slice_blocks(payload, lo, hi)
+
+    def requantizer(self) -> Codec:
+        # the owner's re-encode of the group mean has no residual to feed back: only each peer's own encode does
+        return self.codec.requantizer()
+
     def align_round(self, round_: int) -> None:
         self.codec.align_round(round_)
 

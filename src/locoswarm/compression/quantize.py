@@ -14,6 +14,10 @@ Error bound (fp32 arithmetic, q computed as x * fl(1/s)): |x - x̂| <= s/2 + 2^-
 absmax_block / 14 (int4) plus fp32 rounding, whenever s is a normal fp32 number (absmax_block >= L * 2^-126);
 for blocks closer to zero than that, the block is sent as zeros (|x - x̂| = |x| <= absmax_block). A block of zeros decodes to zeros.
 Inputs with inf/NaN cannot be scaled and raise ``ValueError``; computation is in fp32 for every input dtype.
+
+Reducible (``Codec.reducible``): blocks are encoded independently, so the payload of a run of whole blocks is the
+slice of the whole payload (scales [lo, hi), codes of their entries), and encoding a chunk gives exactly that
+slice. For int4 the chunk's codes must start on a byte, so int4 is reducible only with an even block size.
 """
 
 from __future__ import annotations
@@ -48,6 +52,35 @@ class BlockQuantCodec(Codec):
         inv = torch.where(scales >= torch.finfo(torch.float32).tiny, scales.reciprocal(), 0.0)
         q = (b * inv[:, None]).round_().clamp_(-self.levels, self.levels)
         return scales, q.reshape(-1)[:n]
+
+    @property
+    def reducible(self) -> bool:
+        return self.bits == 8 or self.block_size % 2 == 0
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return -(-numel(shape) // self.block_size)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        n = numel(shape)
+        return min(lo * self.block_size, n), min(hi * self.block_size, n)
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        if not self.reducible:
+            raise ValueError(f"{self.name}: block_size={self.block_size} splits bytes; chunks need an even block size")
+        if not 0 <= lo <= hi <= self.block_count(payload.shape):
+            raise ValueError(
+                f"{self.name}: blocks [{lo}, {hi}) are outside the payload's {self.block_count(payload.shape)}"
+            )
+        start, stop = self.block_entries(payload.shape, lo, hi)
+        codes = payload.buffers["codes"]
+        if self.bits == 4:  # whole bytes: start is even (an even block size); the last chunk keeps the pad nibble
+            codes = codes[start // 2 : -(-stop // 2)]
+        else:
+            codes = codes[start:stop]
+        return Payload({"codes": codes, "scales": payload.buffers["scales"][lo:hi]}, (stop - start,), payload.dtype)
+
+    def requantizer(self) -> Codec:
+        return self  # stateless
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         scales, q = self.scales_and_codes(tensor)
