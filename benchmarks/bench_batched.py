@@ -41,7 +41,7 @@ def build(mode: str, base: GPT, k: int, tokens: np.ndarray, args, device: torch.
     else:
         workers = [Worker(r, copy.deepcopy(base), samplers[r], inner, train, device, seed=r) for r in range(k)]
         group = WorkerGroup(workers)
-    averager = SimAverager(lambda i: make_codec(CompressionConfig()), NetworkModel(NetworkConfig(), k))
+    averager = SimAverager(lambda key, i: make_codec(CompressionConfig()), NetworkModel(NetworkConfig(), k))
     anchor = [p.detach().clone() for p in group.params(0)]
     return DiLoCo(group, averager, anchor, OuterOptimizer(anchor, OuterOptimizerConfig()), args.steps)
 

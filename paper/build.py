@@ -1,7 +1,10 @@
 """Build the technical report from run directories: ``make -C paper RUNS=DIR`` (or ``python paper/build.py``).
 
 Every number in the text is a ``{{macro}}`` filled from ``numbers.json`` and every table and figure is regenerated,
-all by ``experiments/diloco_report.py`` from RUNS (a ``reproduce_diloco.py --out`` folder). A macro the data does
+all by ``experiments/diloco_report.py`` from RUNS (a ``reproduce_diloco.py --out`` folder) and, for the Streaming
+DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` from STREAMING_RUNS (a
+``reproduce_streaming.py --out`` folder) and, for the attacks section (macros ``attacks.*``), by
+``experiments/attacks_report.py`` from ATTACKS_RUNS (a ``reproduce_attacks.py --out`` folder). A macro the data does
 not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
 ``numbers.json``, ``tables/`` and ``figures/``.
 """
@@ -28,8 +31,9 @@ def resolve_runs(runs: str) -> Path:
     for cand in [p] if p.is_absolute() else [HERE / p, REPO / p, Path.cwd() / p]:
         if (cand / "plan.json").exists():
             return cand.resolve()
-    raise SystemExit(f"paper/build.py: no plan.json under RUNS={runs!r} (run experiments/reproduce_diloco.py --out DIR "
-                     "first, then make -C paper RUNS=DIR with DIR absolute or relative to the repository root)")  # fmt: skip
+    raise SystemExit(f"paper/build.py: no plan.json under {runs!r} (run experiments/reproduce_diloco.py, "
+                     "reproduce_streaming.py or reproduce_attacks.py --out DIR first, then make -C paper RUNS=DIR, "
+                     "STREAMING_RUNS=DIR or ATTACKS_RUNS=DIR with DIR absolute or relative to the repository root)")  # fmt: skip
 
 
 def fill(template: str, numbers: dict[str, str], tables: dict[str, str]) -> str:
@@ -68,13 +72,50 @@ def setup_table(rep, numbers: dict[str, str]) -> str:
     )
 
 
-def count_params(rep) -> int:
-    """Parameters of the reference run's model, built on the meta device (no memory, any size)."""
+def streaming_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``streaming.*``) and tables (``streaming``, ``streaming_claims``) of the Streaming DiLoCo section;
+    draws ``figures/streaming.png``."""
+    import streaming_report as sr
+
+    rep = sr.load(runs)
+    t = sr.study_table(rep)
+    c = sr.claims(t)
+    nums = sr.numbers(rep, t, c)
+    nums["streaming.params"] = f"{count_params(rep) / 1e6:.2f}M"
+    nums["streaming.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    t.to_csv(out / "tables" / "streaming.csv", index=False)
+    c.to_csv(out / "tables" / "streaming_claims.csv", index=False)
+    sr.figure(rep, t, out / "figures" / "streaming.png")
+    return nums, {"streaming": sr.to_markdown(t), "streaming_claims": sr.claims_markdown(c, rep.plan["scale"])}
+
+
+def attacks_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``attacks.*``) and tables (``attacks``, ``attacks_rejections``, ``attacks_verify``) of the attacks
+    section; draws ``figures/attacks.png``."""
+    import attacks_report as ar
+
+    rep = ar.load(runs)
+    trim = ar.trim_of(rep.plan["attacks"])
+    t = ar.cells_table(rep)
+    v = ar.verify_table(rep)
+    nums = ar.numbers(rep, t, v)
+    nums["attacks.params"] = f"{count_params(rep, ar.cell('mean')) / 1e6:.2f}M"
+    nums["attacks.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    t.to_csv(out / "tables" / "attacks.csv", index=False)
+    v.to_csv(out / "tables" / "attacks_verify.csv", index=False)
+    ar.figure(t, out / "figures" / "attacks.png", trim)
+    at = rep.plan["attacks"]
+    return nums, {"attacks": ar.to_markdown(t, trim), "attacks_rejections": ar.rejections_markdown(t, trim),
+                  "attacks_verify": ar.verify_markdown(v, at["verify_fraction"], at["lazy_fraction"])}  # fmt: skip
+
+
+def count_params(rep, variant: str = "diloco") -> int:
+    """Parameters of the reference run's (``variant``'s) model, built on the meta device (no memory, any size)."""
     import torch
 
     from locoswarm.model import GPT, GPTShape
 
-    r = rep.runs[(rep.runs["variant"] == "diloco") & (rep.runs["status"] == "ok")].iloc[0]
+    r = rep.runs[(rep.runs["variant"] == variant) & (rep.runs["status"] == "ok")].iloc[0]
     with torch.device("meta"):
         shape = GPTShape(n_layer=int(r["model.n_layer"]), n_head=int(r["model.n_head"]), d_model=int(r["model.d_model"]),
                          seq_len=int(r["model.seq_len"]), vocab_size=256 if r["data.tokenizer"] == "byte" else 50257,
@@ -82,7 +123,7 @@ def count_params(rep) -> int:
         return GPT(shape).num_params()
 
 
-def build(runs: Path, out: Path) -> Path:
+def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path) -> Path:
     from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
     from pdf import render
 
@@ -97,6 +138,12 @@ def build(runs: Path, out: Path) -> Path:
     md_tables["setup"] = setup_table(rep, nums)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
+    s_nums, s_tables = streaming_section(streaming_runs, out)
+    nums.update(s_nums)
+    md_tables.update(s_tables)
+    a_nums, a_tables = attacks_section(attacks_runs, out)
+    nums.update(a_nums)
+    md_tables.update(a_tables)
     for name, text in md_tables.items():
         (out / "tables" / f"{name}.md").write_text(text + "\n")
     for study, t in tables.items():
@@ -115,9 +162,14 @@ def build(runs: Path, out: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Build paper/report.pdf from a reproduce_diloco.py output folder.")
     p.add_argument("--runs", default="results/ci", help="a reproduce_diloco.py --out folder (default: committed ci)")
+    p.add_argument("--streaming-runs", default="results/streaming_ci",
+                   help="a reproduce_streaming.py --out folder (default: committed ci)")  # fmt: skip
+    p.add_argument("--attacks-runs", default="results/attacks_ci",
+                   help="a reproduce_attacks.py --out folder (default: committed ci)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "build")
     args = p.parse_args(argv)
-    build(resolve_runs(args.runs), args.out.resolve())
+    build(resolve_runs(args.runs), args.out.resolve(), resolve_runs(args.streaming_runs),
+          resolve_runs(args.attacks_runs))  # fmt: skip
     return 0
 
 

@@ -21,7 +21,8 @@ from locoswarm.data import BatchSampler, build_token_data
 from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
-from locoswarm.trainer import derive_seed, train
+from locoswarm.seeding import derive_seed
+from locoswarm.trainer import train
 from locoswarm.worker import Worker, WorkerGroup, build_inner_optimizer, lr_lambda
 
 REL = 1e-5
@@ -80,7 +81,7 @@ class Sim:
     def __init__(self, cfg: Config, group):
         self.group = group
         self.averager = SimAverager(
-            lambda i: make_codec(cfg.compression, seed=i), NetworkModel(cfg.network, cfg.workers)
+            lambda key, i: make_codec(cfg.compression, seed=i), NetworkModel(cfg.network, cfg.workers)
         )
         self.anchor = [p.detach().clone() for p in group.params(0)]
         self.outer = OuterOptimizer(self.anchor, cfg.outer_optimizer)
@@ -322,7 +323,7 @@ def test_execution_resolution():
 
 
 def test_auto_on_cpu_runs_sequential(tmp_path, caplog):
-    caplog.set_level("INFO", logger="locoswarm.trainer")
+    caplog.set_level("INFO", logger="locoswarm.build")
     summary = train(tiny_config(workers=2, train__max_steps=3, device="cpu", backend__execution="auto"), tmp_path)
     assert summary["status"] == "ok"
     assert any("execution: sequential (auto: device=cpu" in r.getMessage() for r in caplog.records)

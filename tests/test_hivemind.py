@@ -1,6 +1,7 @@
 """backend=hivemind on 127.0.0.1: real peer processes started by ``locoswarm-swarm``, no mocks.
 
-(a) 3 peers average exactly like ``sim`` (same seeds, no compression): final params within 1e-5 relative.
+(a) 3 peers average exactly like ``sim`` (same seeds, no compression): final params within 1e-5 relative; for
+    diloco and for streaming_diloco (fragments in flight while peers train).
 (c) SIGKILL of 1 of 4 peers mid-run: the other 3 finish every outer step with status ok, still in sync.
 (d) a late joiner downloads the swarm's state and ends with the swarm's params.
 (e) nothing is left running: no peer, DHT, averager or p2pd process survives a test.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import signal
@@ -145,11 +147,19 @@ def sync_rows(run_dir: Path) -> list[dict]:
     return [r for r in rows if "group_size" in r]
 
 
-def anchor_and_params(run_dir: Path, worker: int = 0) -> list[torch.Tensor]:
+def global_model(run_dir: Path) -> list[torch.Tensor]:
+    """diloco's anchor, or streaming's per-fragment anchors (the model every peer agrees on)."""
     ckpt = load_checkpoint(run_dir)
     assert ckpt is not None, f"no checkpoint in {run_dir}"
-    model = ckpt["group"]["workers"][worker]["model"]
-    return [*ckpt["strategy"]["anchor"], *model.values()]
+    strategy = ckpt["strategy"]
+    return strategy["anchor"] if "anchor" in strategy else [a for frag in strategy["anchors"] for a in frag]
+
+
+def anchor_and_params(run_dir: Path, worker: int = 0) -> list[torch.Tensor]:
+    """The global model and the worker's params."""
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    return [*global_model(run_dir), *ckpt["group"]["workers"][worker]["model"].values()]
 
 
 def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -166,11 +176,14 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
         ["compression=none"],
         # all-gathered through hivemind's P2P: every peer decodes every payload, as sim does (residuals local)
         ["compression=topk", "compression.ratio=0.1", "compression.error_feedback=true"],
+        # honest peers verifying each other by replay every phase: all-gathered rows, nobody flagged, sim's numbers
+        ["verify.fraction=1.0"],
     ],
-    ids=["none", "topk"],
+    ids=["none", "topk", "verified"],
 )
 def test_three_peers_match_sim(tmp_path, swarms, codec):
-    """(a): 3 hivemind peers vs the sim backend, same seeds, 3 outer steps; uncompressed and top-k."""
+    """(a): 3 hivemind peers vs the sim backend, same seeds, 3 outer steps; uncompressed, top-k, and with every
+    peer verifying both groupmates after every round (verify.py's PeerReplay; the sim replays its workers)."""
     from locoswarm.cli.swarm import compose_config
     from locoswarm.trainer import train
 
@@ -189,10 +202,49 @@ def test_three_peers_match_sim(tmp_path, swarms, codec):
         assert all(r["bytes_sent"] > 0 and r["comm_seconds"] > 0 for r in rows), rows
         assert (run / ".hydra" / "config.yaml").exists()
         assert s["compression_ratio"] == pytest.approx(sim["compression_ratio"])
+        if "verify.fraction=1.0" in codec:
+            assert [r["verified"] for r in rows] == [2, 2, 2] and s["rejections"] == 0, rows
+            assert not any("verification_failed" in r for r in rows), rows
         diff = max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i))
         worst = max(worst, diff)
     print(f"hivemind vs sim: max relative difference {worst:.2e}")
     assert worst <= 1e-5
+
+
+def test_three_peers_streaming_match_sim(tmp_path, swarms):
+    """(a) for streaming_diloco: 2 fragments (keys fragment0/fragment1: their own hivemind averagers), each round
+    in flight for 1 inner step while the peer trains and passes round boundaries, merged half-and-half. Every
+    merge is a round of all 3 peers, and params, anchors, every logged loss and the val loss equal sim's."""
+    from locoswarm.cli.swarm import compose_config
+    from locoswarm.trainer import train
+
+    overrides = [
+        *(o for o in TINY if o != "algorithm=diloco"), "algorithm=streaming_diloco", "algorithm.fragments=2",
+        "algorithm.overlap_steps=1", "algorithm.mixing=0.5", "train.log_interval=1", "workers=3", "seed=5",
+        "train.max_steps=9",
+    ]  # fmt: skip
+    swarm = swarms(["--peers", "3", "--out", str(tmp_path / "swarm"), *overrides])
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    sim = train(compose_config([*overrides, "backend=sim"]), tmp_path / "sim")
+    assert sim["status"] == "ok" and sim["outer_steps"] == 6
+    sim_rows = [json.loads(line) for line in (tmp_path / "sim" / "metrics.jsonl").read_text().splitlines() if line]
+    merges = [(2, [1]), (4, [0]), (5, [1]), (7, [0]), (8, [1]), (9, [0, 1])]  # (step, fragments merged)
+    assert [(r["step"], r["fragments_merged"]) for r in sim_rows if "group_size" in r] == merges
+    worst = worst_loss = 0.0
+    for i in range(3):
+        run = tmp_path / "swarm" / f"peer-{i}"
+        s = summary(run)
+        assert s["status"] == "ok" and s["outer_steps"] == 6, s
+        rows = sync_rows(run)
+        assert [(r["step"], r["fragments_merged"], r["group_size"]) for r in rows] == [(*m, 3) for m in merges], rows
+        assert all(r["bytes_sent"] > 0 and r["comm_seconds"] > 0 for r in rows), rows
+        every = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        losses = [(x["loss"], y["worker_loss"][i]) for x, y in zip(every, sim_rows, strict=True)]
+        losses.append((s["final_val_loss"], sim["final_val_loss"]))
+        worst_loss = max(worst_loss, *(abs(a - b) / abs(b) for a, b in losses))
+        worst = max(worst, max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i)))
+    print(f"streaming: hivemind vs sim: params {worst:.2e}, losses {worst_loss:.2e} relative")
+    assert worst <= 1e-5 and worst_loss <= 1e-5
 
 
 def test_sigkill_one_of_four(tmp_path, swarms):
@@ -216,12 +268,27 @@ def test_sigkill_one_of_four(tmp_path, swarms):
     print("group sizes after the kill:", [[r["group_size"] for r in sync_rows(run)] for run in survivors])
 
 
-def test_late_joiner_gets_the_swarms_state(tmp_path, swarms):
+# streaming_diloco with a round in flight at every boundary after the first: H=2, fragments at offsets 0 and 1, each
+# merged one step after it starts, when the other fragment's round starts. A donor's snapshot then always waits for
+# a round in flight, and the joiner takes that round's result with the state.
+ALWAYS_IN_FLIGHT = [
+    "algorithm=streaming_diloco", "algorithm.fragments=2", "algorithm.inner_steps=2", "algorithm.overlap_steps=1",
+    "algorithm.mixing=0.5",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ["diloco", "streaming"])
+def test_late_joiner_gets_the_swarms_state(tmp_path, swarms, algorithm):
     """(d): 2 peers of a workers=3 run; a third joins after round 1 (taking the free rank 2), downloads the
-    swarm's state, and from then on averages with the others: it ends with exactly the swarm's params."""
+    swarm's state, and from then on averages with the others: it ends with exactly the swarm's params. With
+    streaming, the state is served while a fragment's round is in flight, and the swarm agrees on the anchors
+    (mixing=0.5 keeps half of each worker's own params in its local model)."""
     # 30 rounds: the two peers' rounds each wait the matchmaking window for the missing third, which leaves the
     # joiner (a fresh process: imports, DHT bootstrap) time to arrive well before the end.
     overrides = [*TINY, "workers=3", "seed=4", "train.max_steps=90"]
+    if algorithm == "streaming":  # 30 steps, 31 averaging rounds
+        overrides = [o for o in TINY if o not in ("algorithm=diloco", "algorithm.inner_steps=3")]
+        overrides += [*ALWAYS_IN_FLIGHT, "workers=3", "seed=4", "train.max_steps=30"]
     swarm = swarms(["--peers", "2", "--out", str(tmp_path / "swarm"), *overrides])
     maddr = swarm.wait_for(r"peer-0 DHT address: (\S+)", limit=RUN_LIMIT).group(1)
     swarm.wait_for(r"\[peer-0\].*round 1: group of", limit=RUN_LIMIT)
@@ -233,11 +300,144 @@ def test_late_joiner_gets_the_swarms_state(tmp_path, swarms):
     j = summary(tmp_path / "joiner")
     s0 = summary(tmp_path / "swarm" / "peer-0")
     assert j["status"] == "ok" and s0["status"] == "ok"
-    assert j["outer_steps"] == s0["outer_steps"] == 30
-    assert j["steps"] == s0["steps"] == 90
+    assert j["outer_steps"] == s0["outer_steps"] == (30 if algorithm == "diloco" else 29)
+    assert j["steps"] == s0["steps"] == (90 if algorithm == "diloco" else 30)
     rows = sync_rows(tmp_path / "joiner")
     assert any(r["group_size"] == 3 for r in rows), rows  # it averaged with both swarm peers
-    ref = anchor_and_params(tmp_path / "swarm" / "peer-0")
-    assert max_rel_diff(anchor_and_params(tmp_path / "swarm" / "peer-1"), ref) <= 1e-5
-    assert max_rel_diff(anchor_and_params(tmp_path / "joiner"), ref) <= 1e-5
+    agreed = anchor_and_params if algorithm == "diloco" else global_model
+    ref = agreed(tmp_path / "swarm" / "peer-0")
+    assert max_rel_diff(agreed(tmp_path / "swarm" / "peer-1"), ref) <= 1e-5
+    assert max_rel_diff(agreed(tmp_path / "joiner"), ref) <= 1e-5
     assert "rank 2" in "".join(joiner.lines)
+
+
+def all_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+@pytest.mark.parametrize(
+    "robust",
+    [
+        ["aggregator=median"],  # all-gathered plain fp32 payloads
+        ["aggregator=centered_clip", "aggregator.max_norm_ratio=10", "compression=int8"],  # int8, all-gathered too
+    ],
+    ids=["median", "centered_clip-int8"],
+)
+def test_robust_aggregators_match_sim(tmp_path, swarms, robust):
+    """aggregator=median / centered_clip on 3 hivemind peers: the payloads are all-gathered whatever the codec and
+    every peer combines the same rows as the sim: params within 1e-5 relative, nothing rejected on a clean run."""
+    from locoswarm.cli.swarm import compose_config
+    from locoswarm.trainer import train
+
+    overrides = [*TINY, "workers=3", "seed=5", "train.max_steps=9", *robust]
+    swarm = swarms(["--peers", "3", "--out", str(tmp_path / "swarm"), *overrides])
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    sim = train(compose_config([*overrides, "backend=sim"]), tmp_path / "sim")
+    assert sim["status"] == "ok" and sim["outer_steps"] == 3
+    worst = 0.0
+    for i in range(3):
+        run = tmp_path / "swarm" / f"peer-{i}"
+        s = summary(run)
+        assert s["status"] == "ok" and s["outer_steps"] == 3, s
+        rows = sync_rows(run)
+        assert [r["group_size"] for r in rows] == [3, 3, 3] and not any("rejected" in r for r in rows), rows
+        assert all(r["bytes_sent"] > 0 for r in rows), rows
+        worst = max(worst, max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i)))
+    print(f"{robust[0]}: hivemind vs sim: max relative difference {worst:.2e}")
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize("aggregator", ["median", "mean"])
+def test_a_nan_peer_in_a_real_swarm(tmp_path, swarms, aggregator):
+    """faults.byzantine=1 faults.attack=nan on hivemind: the peer hosting rank 2 sends NaN (a test-only peer mode).
+    median (all-gathered): every peer screens it out each round, logs the rejection in metrics.jsonl, and the
+    honest peers end where the sim's attacked run ends (1e-5), finite. mean over the butterfly all-reduce: only the
+    NaN sum is seen, so every round is rejected whole (a zero update): the honest peers end finite, as the sim
+    does, never NaN with status ok."""
+    from locoswarm.cli.swarm import compose_config
+    from locoswarm.trainer import train
+
+    # quoted: Hydra reads a bare nan as a float
+    overrides = [*TINY, "workers=3", "seed=5", "train.max_steps=9", f"aggregator={aggregator}",
+                 "faults.byzantine=1", "faults.attack='nan'"]  # fmt: skip
+    swarm = swarms(["--peers", "3", "--out", str(tmp_path / "swarm"), *overrides])
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    sim = train(compose_config([*overrides, "backend=sim"]), tmp_path / "sim")
+    assert sim["status"] == "ok" and sim["outer_steps"] == 3
+    clean = train(compose_config([*overrides[:-3], "backend=sim"]), tmp_path / "clean")  # no attacker, mean
+    worst, report = 0.0, []
+    for i in range(2):  # the honest peers
+        run = tmp_path / "swarm" / f"peer-{i}"
+        s = summary(run)
+        assert s["status"] == "ok" and s["outer_steps"] == 3, s
+        assert math.isfinite(s["final_val_loss"]) and all(math.isfinite(r["loss"]) for r in all_rows(run))
+        rows = sync_rows(run)
+        assert [r["group_size"] for r in rows] == [3, 3, 3], rows
+        rejected = [x for r in rows for x in r.get("rejected", [])]
+        if aggregator == "median":
+            assert [(x["rank"], x["reason"]) for x in rejected] == [(2, "non-finite values")] * 3, rejected
+        else:
+            assert sorted(x["rank"] for x in rejected) == [0, 0, 0, 1, 1, 1, 2, 2, 2], rejected
+            assert all("non-finite sum" in x["reason"] for x in rejected)
+        assert s["rejections"] == len(rejected)
+        worst = max(worst, max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i)))
+        report.append((s["final_val_loss"], len(rejected)))
+        if aggregator == "median":  # the NaN peer excluded: training goes on near the clean run
+            assert abs(s["final_val_loss"] - clean["final_val_loss"]) < 0.05
+        else:  # every round rejected: nothing is learned, but nothing is NaN
+            assert s["final_val_loss"] > clean["final_val_loss"] + 0.2
+    print(f"nan peer, {aggregator}: honest (val loss, rejections) {report}, sim {sim['final_val_loss']:.4f}, "
+          f"clean {clean['final_val_loss']:.4f}; params vs sim {worst:.2e}")  # fmt: skip
+    assert worst <= 1e-5
+
+
+def test_a_lazy_peer_is_caught_by_replay_and_excluded(tmp_path, swarms):
+    """verify.fraction=1 on hivemind: each peer commits to its phase's start state in the round metadata and, after
+    every round, verifies each groupmate by replay from what it committed to (verify.py's PeerReplay). Rank 2 runs 2
+    of its 3 steps (faults.lazy) and claims 3: both honest peers catch it after the first round, with the same
+    evidence, and drop it from every later round; no honest peer is ever flagged (each also replays the other, and
+    the lazy peer replays both), and the two honest peers end with the same model."""
+    overrides = [*TINY, "workers=3", "seed=3", "train.max_steps=6", "faults.lazy=1", "faults.lazy_fraction=0.5",
+                 "verify.fraction=1.0"]  # fmt: skip
+    swarm = swarms(["--peers", "3", "--out", str(tmp_path / "swarm"), *overrides])
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    peers = [tmp_path / "swarm" / f"peer-{i}" for i in range(3)]
+    evidence = []
+    for run in peers[:2]:
+        s = summary(run)
+        assert s["status"] == "ok" and s["outer_steps"] == 2, s
+        rows = sync_rows(run)
+        assert [r["group_size"] for r in rows] == [3, 2], rows
+        assert [r["verified"] for r in rows] == [2, 1], rows  # both groupmates, then the other honest peer
+        assert list(rows[0]["verification_failed"]) == ["2"] and "verification_failed" not in rows[1], rows
+        evidence.append(rows[0]["verification_failed"]["2"])
+        assert evidence[-1].startswith("verification failed in phase 0: the replay of its 3 claimed steps"), evidence
+        assert [x["rank"] for x in rows[1]["rejected"]] == [2], rows[1]
+        assert rows[1]["rejected"][0]["reason"] == f"excluded: {evidence[-1]}"
+    assert evidence[0] == evidence[1]  # the same replay, the same verdict on every member
+    a, b = anchor_and_params(peers[0]), anchor_and_params(peers[1])
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    lazy = sync_rows(peers[2])
+    assert lazy[0]["verified"] == 2 and not any("verification_failed" in r for r in lazy), lazy
+
+
+def test_a_closed_swarm_from_the_cli(tmp_path, swarms):
+    """The README's recipe: ``locoswarm-swarm keygen`` the launched peers' identities (DIR/peer-<i>/identity.key),
+    list them in a file, launch with ``backend.allowed_peers=FILE``: the listed peers meet and finish as usual,
+    each under the identity made for it."""
+    out = tmp_path / "swarm"
+    keys = [out / f"peer-{i}" / "identity.key" for i in range(2)]
+    made = subprocess.run([sys.executable, "-m", "locoswarm.cli.swarm", "keygen", *map(str, keys)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "allowed.txt").write_text(made.stdout)
+    swarm = swarms(["--peers", "2", "--out", str(out), *TINY, "train.max_steps=9",
+                    f"backend.allowed_peers={tmp_path / 'allowed.txt'}"])  # fmt: skip
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    ids = made.stdout.split()
+    for i in range(2):
+        s = summary(out / f"peer-{i}")
+        assert s["status"] == "ok" and s["outer_steps"] == 3, s
+        assert [r["group_size"] for r in sync_rows(out / f"peer-{i}")] == [2, 2, 2]
+    addresses = [line for line in swarm.lines if "DHT address:" in line]
+    assert any(ids[0] in line for line in addresses), addresses  # peer-0 runs under the key made for it

@@ -63,7 +63,8 @@ def peer(rank: int, name: str, run_id: str, peers_q, out_q) -> None:
             backend_cfg(run_id, initial),
             workers=PEERS,
             rank=rank,
-            codecs=LocalCodecs(compression(name), run_seed=7),
+            compression=compression(name),
+            seed=7,
         )
         if rank == 0:
             for _ in range(PEERS - 1):

@@ -48,6 +48,10 @@ def test_main_command_writes_the_run_dir_contract(tmp_path):
         assert (
             abs(sum(r["bytes_sent"] for r in sync) - summary["bytes_sent_total"]) < 1e-6 * summary["bytes_sent_total"]
         )
+        # every outer step logs what the outer optimiser did (the deep-dive notebook plots it); ddp has none
+        outer_rows = [r for r in sync if "outer_update_norm" in r]
+        assert len(outer_rows) == (3 if cfg["algorithm"]["name"] == "diloco" else 0), sync
+        assert all(r["outer_update_norm"] > 0 and r["outer_momentum_norm"] > 0 for r in outer_rows), outer_rows
         summaries[cfg["algorithm"]["name"]] = summary
     ddp, diloco = summaries["ddp"], summaries["diloco"]
     # equal tokens; DiLoCo syncs 2 warm-up steps + ceil(10/4) = 3 outer rounds instead of 12

@@ -158,3 +158,57 @@ def test_sim_predicts_the_testbed(tmp_path):
     assert abs(c["round_time_error"]) <= 0.20, c
     assert p.returncode == 0, p.stderr[-3000:]  # --validate's own 20% / 10% verdict
     assert not _new_namespaces(before)
+
+
+STREAMING = ["algorithm=streaming_diloco", "algorithm.fragments=2", "algorithm.overlap_steps=22"]
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_sim_predicts_the_testbed_with_overlap(tmp_path):
+    """The validation covers streaming: 4 hivemind peers train while a fragment's all-reduce is in flight (real
+    compute, ~6 s per 44-step phase, against ~3.5 s per fragment exchange at 10 Mbit/s). A round is no fixed unit
+    then, so the model is held to the training loop's wall time (first to last sync row) with compute priced at
+    the step time the peers measured, to the per-round bytes, and to the schedule itself (the same sync rows)."""
+    before = set(netem.list_run_namespaces())
+    # the command conf/experiment/netem_overlap.yaml names for its streaming run
+    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--validate", "--timeout", "300",
+                        "experiment=netem_overlap", *STREAMING],
+                       env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
+    print(p.stdout, p.stderr[-3000:])
+    result = json.loads((tmp_path / "netem.json").read_text())
+    assert all(q["status"] == "ok" for q in result["peers"]), p.stderr[-3000:]
+    c, pr = result["comparison"], result["predicted"]
+    assert pr["overlapped"] and not c["round_time_judged"]
+    # the same schedule on both: a sync row at the warm-up step, at every fragment merge, and at the end
+    assert c["same_sync_rows"] and pr["sync_row_steps"][0] == 1 and pr["sync_row_steps"][-1] == 177, (result, pr)
+    assert all(0 < q["step_seconds"] < 2.0 for q in result["peers"])  # compute was measured, and real
+    assert abs(c["bytes_error"]) <= netem.BYTES_TOLERANCE_OVERLAPPED, c  # see there: per-round control traffic
+    # Measured -17%, -22%, -27% (quiet box) and -37% (CI): the model has no per-round cost (hivemind's matchmaking
+    # and agreement check, 0.5-2 s a round here), which 10 fragment rounds of ~3 s each feel, so beyond noise it can
+    # only be optimistic: one-sided, down to --validate's limit for overlapped runs (45%).
+    assert -netem.LOOP_TOLERANCE_OVERLAPPED <= c["loop_time_error"] <= 0.10, c
+    assert c["loop_time_limit"] == netem.LOOP_TOLERANCE_OVERLAPPED
+    assert p.returncode == 0, p.stderr[-3000:]  # --validate's own verdict
+    assert not _new_namespaces(before)
+
+
+def test_a_rerun_round_is_priced_as_one_more_exchange(tmp_path):
+    """hivemind re-runs a round whose averages disagree (a lost part): the comparison adds one modelled exchange per
+    re-run to the predicted loop, counted from the peers' logs; without re-runs nothing changes."""
+    log = tmp_path / "peer.log"
+    log.write_text("round 3: group of 4\n[peer-0] round 3: the group's averages disagree (a part was lost); "
+                   "re-running it\nround 4: group of 4\n")  # fmt: skip
+    assert netem.count_reruns(log) == 1 and netem.count_reruns(tmp_path / "missing.log") == 0
+    predicted = {"round_seconds": 18.0, "round_wire_bytes": 16e6, "loop_seconds": 72.0, "exchange_seconds": 18.0,
+                 "sync_row_steps": [1, 2], "overlapped": False, "wire_bytes_per_peer": 1e8}  # fmt: skip
+    measured = {
+        "round_seconds": 18.0,
+        "round_tx_bytes": 16e6,
+        "loop_seconds": 90.0,
+        "tx_bytes_per_peer": 1e8,
+        "peers": [{"sync_row_steps": [1, 2]}],
+    }
+    assert netem.compare(measured, predicted)["loop_time_error"] == pytest.approx(72 / 90 - 1)
+    c = netem.compare({**measured, "reruns": 1}, predicted)
+    assert c["loop_time_error"] == pytest.approx(0.0) and c["reruns"] == 1 and c["ok"], c

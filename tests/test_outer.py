@@ -28,6 +28,33 @@ def test_nesterov_matches_hand_computed_reference():
         torch.testing.assert_close(anchor[0].double(), p, rtol=0, atol=1e-6)
 
 
+def test_the_step_and_momentum_norms_are_what_the_optimiser_did():
+    """outer_update_norm is how far the anchor moved, outer_momentum_norm the momentum buffer's norm (by hand)."""
+    cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.9)
+    anchor = [torch.tensor([1.0, -2.0]), torch.tensor([0.5])]
+    outer = OuterOptimizer(anchor, cfg)
+    g1, g2 = [torch.tensor([0.3, 0.4]), torch.tensor([1.2])], [torch.tensor([-0.1, 0.0]), torch.tensor([0.2])]
+    outer.step(g1)  # b1 = g1; step = lr (g1 + mu b1) = 1.33 g1
+    n1 = OuterOptimizer.norms([outer])
+    assert n1["outer_momentum_norm"] == pytest.approx(1.3, rel=1e-6)  # ||g1|| = sqrt(0.09 + 0.16 + 1.44)
+    assert n1["outer_update_norm"] == pytest.approx(0.7 * 1.9 * 1.3, rel=1e-5)
+    outer.step(g2)  # b2 = mu b1 + g2
+    b2 = [0.9 * a + b for a, b in zip(g1, g2, strict=True)]
+    step = [0.7 * (b + 0.9 * m) for b, m in zip(g2, b2, strict=True)]
+    sq = lambda ts: sum(float(t.double().pow(2).sum()) for t in ts)  # noqa: E731
+    n2 = OuterOptimizer.norms([outer])
+    assert n2["outer_momentum_norm"] == pytest.approx(sq(b2) ** 0.5, rel=1e-6)
+    assert n2["outer_update_norm"] == pytest.approx(sq(step) ** 0.5, rel=1e-5)
+    # two optimisers stepped in one round (streaming fragments): their squares add up; plain SGD has no momentum
+    plain = OuterOptimizer([torch.zeros(2)], OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0))
+    plain.step([torch.tensor([3.0, 4.0])])
+    both = OuterOptimizer.norms([outer, plain])
+    assert both["outer_update_norm"] == pytest.approx((sq(step) + 25.0) ** 0.5, rel=1e-5)
+    assert both["outer_momentum_norm"] == pytest.approx(n2["outer_momentum_norm"])
+    assert OuterOptimizer.norms([plain]) == {"outer_update_norm": pytest.approx(5.0)}
+    assert OuterOptimizer.norms([]) == {}
+
+
 def test_sgd_lr1_returns_the_average():
     anchor = [torch.tensor([3.0, 4.0])]
     OuterOptimizer(anchor, OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0)).step([torch.tensor([1.0, -1.0])])
@@ -47,7 +74,7 @@ def test_nesterov_without_momentum_is_rejected():
 
 def test_sim_averager_token_weighted_mean_and_bytes():
     net = NetworkModel(NetworkConfig(bandwidth_mbps=100.0, latency_ms=0.0), workers=3)
-    avg = SimAverager(lambda i: make_codec(CompressionConfig()), net)
+    avg = SimAverager(lambda key, i: make_codec(CompressionConfig()), net)
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # 3 workers, one 2-element tensor
     r = avg.average([x], torch.tensor([1.0, 1.0, 2.0]))
     torch.testing.assert_close(r.tensors[0], torch.tensor([3.5, 4.5]))
@@ -56,12 +83,12 @@ def test_sim_averager_token_weighted_mean_and_bytes():
     assert r.bytes_sent == pytest.approx(2 * 2 / 3 * 8) and r.bytes_received == r.bytes_sent
     assert r.payload_bytes == 8 and r.compression_ratio == 1.0
     # 100 Mbit/s: 2(K-1)/K * 8 bytes * 8 bits / 1e8
-    assert avg.modelled_seconds(r.payload_bytes) == pytest.approx(2 * 2 / 3 * 8 * 8 / 1e8)
+    assert r.seconds == pytest.approx(2 * 2 / 3 * 8 * 8 / 1e8)
 
 
 def test_sim_averager_zero_weight_masks_a_worker():
     net = NetworkModel(NetworkConfig(), workers=3)
-    avg = SimAverager(lambda i: make_codec(CompressionConfig()), net)
+    avg = SimAverager(lambda key, i: make_codec(CompressionConfig()), net)
     x = torch.tensor([[1.0], [100.0], [3.0]])
     r = avg.average([x], torch.tensor([1.0, 0.0, 1.0]))
     assert r.tensors[0].item() == 2.0 and r.group_size == 2

@@ -30,8 +30,8 @@ def main(out_dir: str, codec: str, weights: str) -> None:
         results = []
         for r, row in enumerate(rounds):
             out = averager.average([t.unsqueeze(0) for t in inputs(rank, r)], torch.tensor([row[rank]]))
-            results.append({"tensors": out.tensors, "group": out.group_size, "sent": out.bytes_sent,
-                            "received": out.bytes_received})  # fmt: skip
+            results.append({"tensors": out.tensors, "group": out.group_size, "members": out.members,
+                            "sent": out.bytes_sent, "received": out.bytes_received})  # fmt: skip
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         averager.close()

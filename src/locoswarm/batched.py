@@ -316,19 +316,41 @@ class BatchedWorkerGroup:
         return out, seconds
 
     @torch.no_grad()
-    def pseudo_gradients(self, anchor: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """(anchor − local params) for every worker, stacked: [(L, *shape)]."""
-        return [a.unsqueeze(0) - p for a, p in zip(anchor, self._params, strict=True)]
+    def pseudo_gradients(self, anchor: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """(anchor − local params) for every worker, stacked: [(L, *shape)]. idx: the parameter indices that
+        ``anchor`` holds (default all, in order)."""
+        idx = range(len(anchor)) if idx is None else idx
+        return [a.unsqueeze(0) - self._params[i] for a, i in zip(anchor, idx, strict=True)]
+
+    @torch.no_grad()
+    def pseudo_gradients_each(self, anchors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """(anchor_j − worker j's params), stacked, for per-worker anchors of shape (L, *shape)."""
+        return [a - p for a, p in zip(anchors, self._params, strict=True)]
+
+    @torch.no_grad()
+    def load_params_each(self, stacked: Sequence[torch.Tensor]) -> None:
+        """Worker j's params := ``stacked[i][j]``."""
+        for p, t in zip(self._params, stacked, strict=True):
+            p.copy_(t)
 
     def params(self, worker: int = 0) -> list[torch.Tensor]:
         """Worker ``worker``'s params as views into the stacked tensors."""
         return [p[worker] for p in self._params]
 
+    def load_params(self, tensors: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> None:
+        """Every worker's params (those at ``idx``, default all) := ``tensors`` (param shapes)."""
+        self.mix_params(tensors, range(len(tensors)) if idx is None else idx, 0.0)
+
     @torch.no_grad()
-    def load_params(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Every worker's params := ``tensors`` (param shapes)."""
-        for p, t in zip(self._params, tensors, strict=True):
-            p.copy_(t.unsqueeze(0).expand_as(p))
+    def mix_params(self, tensors: Sequence[torch.Tensor], idx: Sequence[int], alpha: float) -> None:
+        """Every worker's params at ``idx`` := alpha * own + (1 - alpha) * ``tensors`` (alpha 0: a copy, as in
+        ``WorkerGroup.mix_params``)."""
+        for t, i in zip(tensors, idx, strict=True):
+            p = self._params[i]
+            if alpha == 0.0:
+                p.copy_(t.unsqueeze(0).expand_as(p))
+            else:
+                p.mul_(alpha).add_(t.unsqueeze(0), alpha=1.0 - alpha)
 
     def state_dict(self) -> dict:
         return {

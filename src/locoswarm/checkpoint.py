@@ -18,6 +18,9 @@ CHECKPOINT_NAME = "checkpoint.pt"
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
     path = Path(run_dir) / CHECKPOINT_NAME
     tmp = path.with_name(f".{CHECKPOINT_NAME}.tmp{os.getpid()}")
+    for stale in path.parent.glob(f".{CHECKPOINT_NAME}.tmp*"):  # left by a process killed mid-write
+        if stale != tmp:
+            stale.unlink(missing_ok=True)
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()

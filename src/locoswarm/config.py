@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 
@@ -25,6 +26,12 @@ class StrEnum(str, Enum):
 class AlgorithmName(StrEnum):
     ddp = "ddp"
     diloco = "diloco"
+    streaming_diloco = "streaming_diloco"
+
+
+class FragmentPattern(StrEnum):
+    strided = "strided"
+    sequential = "sequential"
 
 
 class OuterOptimizerName(StrEnum):
@@ -91,6 +98,22 @@ class StragglerKind(StrEnum):
     fixed = "fixed"
 
 
+class AggregatorName(StrEnum):
+    mean = "mean"
+    trimmed_mean = "trimmed_mean"
+    median = "median"
+    centered_clip = "centered_clip"
+
+
+class AttackName(StrEnum):
+    none = "none"
+    nan = "nan"
+    scale = "scale"
+    signflip = "signflip"
+    random = "random"
+    alie = "alie"
+
+
 class LoggerName(StrEnum):
     none = "none"
     wandb = "wandb"
@@ -114,6 +137,23 @@ class AlgorithmConfig:
     floor(time_budget / t_i) steps, t_i = its modelled step time (network.step_seconds, or the measured median
     step time, x its straggler slowdown / network.compute_speed), and the average weights workers by the tokens
     they processed. With network.step_seconds null, the first phase runs inner_steps steps to measure t."""
+    outer_delay: int = 0
+    """diloco: 0, or 1 to apply each phase's averaged pseudo-gradient one phase late, so the exchange overlaps the
+    next phase's compute (Kale et al. 2025's delayed outer step)."""
+    eager: bool = False
+    """diloco with outer_delay=1: eager updates (Kale et al. 2025): each worker applies its own pseudo-gradient at
+    once and the others' one phase late, when their average arrives (strategies/eager.py)."""
+    fragments: int = 1
+    """streaming_diloco: P, the fragments the model's blocks are split into; fragment p syncs every H steps at
+    offset p*H/P, so one P-th of the model crosses the network every H/P steps (1 <= P <= model.n_layer)."""
+    fragment_pattern: FragmentPattern = FragmentPattern.strided
+    """streaming_diloco: strided (block b in fragment b mod P, the paper's) or sequential (contiguous blocks)."""
+    overlap_steps: int = 0
+    """streaming_diloco: tau, inner steps trained while a fragment's averaging is in flight (0 <= tau < H); the
+    outer update is merged tau steps after the sync began."""
+    mixing: float = 0.0
+    """streaming_diloco: alpha, the merge local := alpha * local + (1 - alpha) * global, in [0, 1] (0 = take the
+    global fragment, as DiLoCo does)."""
 
 
 @dataclass
@@ -160,6 +200,52 @@ class CompressionConfig:
     """PowerSGD rank (when ratio is 1.0; otherwise derived from ratio)."""
     error_feedback: bool = False
     """Carry each round's compression error into the next round (lossy codecs)."""
+
+
+@dataclass
+class AggregatorConfig:
+    name: AggregatorName = AggregatorName.mean
+    """How the group's pseudo-gradients combine: mean (token-weighted), trimmed_mean and median (coordinatewise,
+    unweighted), centered_clip (Karimireddy et al. 2021: iterated clipping around a robust centre). Every
+    aggregator but mean all-gathers the payloads on the real backends (comm/aggregate.py says why)."""
+    trim: float = 0.1
+    """trimmed_mean: the fraction of values dropped at each end of every coordinate, in [0, 0.5)."""
+    clip_tau: float | None = None
+    """centered_clip: the clipping radius; null = the median distance of the contributions to the centre."""
+    iterations: int = 3
+    """centered_clip: clipping iterations."""
+    max_norm_ratio: float | None = None
+    """Screening: a contribution whose norm exceeds this multiple of the round's median norm is excluded and
+    logged (null = off). Non-finite contributions are always excluded where the exchange sees them."""
+
+
+@dataclass
+class FaultsConfig:
+    byzantine: int = 0
+    """Malicious workers (the last n ranks) for attack studies: what they send is replaced per faults.attack.
+    backend=sim simulates them; on backend=hivemind the peers hosting the last n ranks attack the others, a
+    test-only peer mode (every peer runs the same config; the honest ones do not attack)."""
+    attack: AttackName = AttackName.none
+    """nan: all NaN; scale: x faults.scale; signflip: x -1; random: Gaussian noise of the honest norm; alie: "A
+    Little Is Enough" (Baruch et al. 2019): mean - z * std of the honest contributions (sim only: it reads them)."""
+    scale: float = -100.0
+    """scale: the factor applied by the scale attack."""
+    start_round: int = 0
+    """The first averaging round (counted from 0) in which the malicious workers attack."""
+    lazy: int = 0
+    """Lazy workers (the n ranks just below the malicious ones): each runs only ceil(lazy_fraction x H) of its
+    steps but claims all H (for verification studies, verify.fraction)."""
+    lazy_fraction: float = 0.5
+    """lazy: the share of its steps a lazy worker really runs, in (0, 1]."""
+
+
+@dataclass
+class VerifyConfig:
+    fraction: float = 0.0
+    """Share of (worker, phase) pairs re-run by a verifier and compared with what the worker sent (diloco on sim or
+    hivemind; verify.py). A worker that fails is excluded from then on."""
+    tolerance: float = 1e-5
+    """Largest relative difference between a replay and what was sent that still passes (CPU replays are exact)."""
 
 
 @dataclass
@@ -223,6 +309,12 @@ class BackendConfig:
     """hivemind: where this peer listens (default loopback, any free port; use /ip4/0.0.0.0/tcp/PORT across machines)."""
     announce_maddrs: list[str] = field(default_factory=list)
     """hivemind: the addresses other peers should dial (e.g. a public IP behind NAT); empty = the host_maddrs."""
+    identity: str | None = None
+    """hivemind: this peer's identity file (``locoswarm-swarm keygen PATH``): its peer id and the key that signs
+    its DHT records; null = a new identity for each process (launched peers keep one in their run dir)."""
+    allowed_peers: str | None = None
+    """hivemind: a file of the peer ids admitted to the run (one per line, ``#`` comments); no one else's DHT
+    records are kept, and no one else enters an averaging group or serves state; null = anyone may join."""
     run_id: str = "locoswarm"
     """hivemind: the DHT namespace of one run; peers with different run_ids never average together."""
     matchmaking_time: float | None = None
@@ -361,7 +453,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Outer steps between checkpoints (0: only at the end)."""
     progress: bool = True
-    """Show a progress bar."""
+    """Show progress: a bar on a terminal, else a log line every ``progress_every`` seconds."""
+    progress_every: float = 30.0
+    """Seconds between progress lines when the output is not a terminal (CI, SLURM, a pipe)."""
 
 
 @dataclass
@@ -370,6 +464,9 @@ class Config:
     outer_optimizer: OuterOptimizerConfig = field(default_factory=OuterOptimizerConfig)
     inner_optimizer: InnerOptimizerConfig = field(default_factory=InnerOptimizerConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -411,6 +508,62 @@ def validate(cfg: Config) -> Config:
         cfg.algorithm.warmup_sync_steps,
         "must be >= 0",
     )
+    a = cfg.algorithm
+    need(a.fragments >= 1, "algorithm.fragments", a.fragments, "need at least 1 fragment")
+    need(a.fragments <= cfg.model.n_layer, "algorithm.fragments", a.fragments,
+         f"at most model.n_layer={cfg.model.n_layer} (a fragment is a set of whole blocks)")  # fmt: skip
+    need(0 <= a.overlap_steps < a.inner_steps, "algorithm.overlap_steps", a.overlap_steps,
+         f"need 0 <= tau < algorithm.inner_steps={a.inner_steps}")  # fmt: skip
+    need(0.0 <= a.mixing <= 1.0, "algorithm.mixing", a.mixing, "alpha must be in [0, 1]")
+    g = cfg.aggregator
+    need(0 <= g.trim < 0.5, "aggregator.trim", g.trim, "must be in [0, 0.5)")
+    need(g.clip_tau is None or g.clip_tau > 0, "aggregator.clip_tau", g.clip_tau, "must be > 0 (or null: automatic)")
+    need(g.iterations >= 1, "aggregator.iterations", g.iterations, "must be >= 1")
+    need(g.max_norm_ratio is None or g.max_norm_ratio > 1, "aggregator.max_norm_ratio", g.max_norm_ratio,
+         "must be > 1 (a multiple of the median norm), or null")  # fmt: skip
+    f = cfg.faults
+    need(0 <= f.byzantine < cfg.workers, "faults.byzantine", f.byzantine,
+         f"must be in [0, workers={cfg.workers}) (the last n ranks attack)")  # fmt: skip
+    need((f.byzantine > 0) == (_enum_value(f.attack) != "none"), "faults.attack", _enum_value(f.attack),
+         "faults.byzantine=n and faults.attack=<kind> go together")  # fmt: skip
+    need(f.start_round >= 0, "faults.start_round", f.start_round, "must be >= 0")
+    need(0 <= f.lazy and f.byzantine + f.lazy < cfg.workers, "faults.lazy", f.lazy,
+         f"must be >= 0 with faults.byzantine + faults.lazy < workers={cfg.workers}")  # fmt: skip
+    need(0 < f.lazy_fraction <= 1, "faults.lazy_fraction", f.lazy_fraction, "must be in (0, 1]")
+    need(f.lazy == 0 or _enum_value(cfg.backend.name) in ("sim", "hivemind"), "faults.lazy", f.lazy,
+         "lazy workers need backend=sim or hivemind")  # fmt: skip
+    v = cfg.verify
+    need(0 <= v.fraction <= 1, "verify.fraction", v.fraction, "a share in [0, 1]")
+    need(v.tolerance >= 0, "verify.tolerance", v.tolerance, "must be >= 0")
+    if v.fraction > 0:
+        backend = _enum_value(cfg.backend.name)
+        need(backend in ("sim", "hivemind"), "verify.fraction", v.fraction,
+             "verification by replay needs backend=sim or hivemind (peers commit to and serve their start states)")  # fmt: skip
+        if backend == "hivemind":  # a peer compares its replay with the row it received (verify.py)
+            need(_enum_value(cfg.compression.name) == "none", "verify.fraction", v.fraction,
+                 "on hivemind needs compression=none: a decoded row is not the pseudo-gradient a replay gives")  # fmt: skip
+            need(a.outer_delay == 0, "verify.fraction", v.fraction,
+                 "on hivemind needs algorithm.outer_delay=0 (a peer checks the round it just finished)")  # fmt: skip
+        need(_enum_value(a.name) == "diloco" and not a.eager, "verify.fraction", v.fraction,
+             "replays diloco phases only (not eager updates)")  # fmt: skip
+        need(_enum_value(cfg.backend.execution) != "batched", "verify.fraction", v.fraction,
+             "a replay runs one worker: needs backend.execution=sequential or auto")  # fmt: skip
+    need(f.byzantine == 0 or _enum_value(cfg.backend.name) in ("sim", "hivemind"), "faults.byzantine", f.byzantine,
+         "simulated attackers need backend=sim, or backend=hivemind where the last n ranks' peers attack "
+         "(a test-only peer mode)")  # fmt: skip
+    need(_enum_value(f.attack) != "alie" or _enum_value(cfg.backend.name) == "sim", "faults.attack",
+         _enum_value(f.attack), "alie reads the honest workers' contributions, so it needs backend=sim "
+         "(every worker in one process)")  # fmt: skip
+    need(a.outer_delay in (0, 1), "algorithm.outer_delay", a.outer_delay, "0 (DiLoCo) or 1 (one phase late)")
+    need(not a.eager or a.outer_delay == 1, "algorithm.eager", a.eager,
+         "eager updates stand in for a delayed average: set algorithm.outer_delay=1")  # fmt: skip
+    need(a.outer_delay == 0 or AlgorithmName(a.name) == AlgorithmName.diloco, "algorithm.outer_delay",
+         a.outer_delay, f"only algorithm=diloco uses it (algorithm={a.name})")  # fmt: skip
+    streaming_only = {"fragments": 1, "overlap_steps": 0, "mixing": 0.0}
+    if AlgorithmName(a.name) != AlgorithmName.streaming_diloco:
+        for key, default in streaming_only.items():
+            need(getattr(a, key) == default, f"algorithm.{key}", getattr(a, key),
+                 f"only algorithm=streaming_diloco uses it (algorithm={a.name})")  # fmt: skip
     need(cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "must be >= 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
@@ -577,6 +730,9 @@ def _validate_backend(cfg: Config, need) -> None:
     need(b.deadline_margin >= 1, "backend.deadline_margin", b.deadline_margin, "must be >= 1")
     need(b.first_round_timeout > 0, "backend.first_round_timeout", b.first_round_timeout, "must be > 0")
     need(b.chunk_timeout > 0, "backend.chunk_timeout", b.chunk_timeout, "must be > 0")
+    for key in ("identity", "allowed_peers"):
+        v = getattr(b, key)
+        need(v is None or Path(v).is_file(), f"backend.{key}", v, "no such file (locoswarm-swarm keygen makes one)")
     need(
         b.dist_backend in ("auto", "gloo", "nccl"), "backend.dist_backend", b.dist_backend, "allowed: auto, gloo, nccl"
     )
@@ -594,12 +750,30 @@ def to_dict(cfg: Any) -> Any:
     return _enum_value(cfg)
 
 
+# Keys added after runs were first recorded: at these defaults they change no number, so they are left out of the
+# hash and earlier runs keep their hashes (sweeps and reproductions reuse them).
+_LATER_KEYS = [
+    ("algorithm", "outer_delay"), ("algorithm", "eager"), ("algorithm", "fragments"), ("algorithm", "fragment_pattern"),
+    ("algorithm", "overlap_steps"), ("algorithm", "mixing"), ("aggregator",), ("faults",), ("verify",),
+    ("backend", "allowed_peers"),
+]  # fmt: skip
+
+
 def config_hash(cfg: Config) -> str:
     """A short, stable hash of everything that changes the numbers (not the run's name or progress bar)."""
     d = to_dict(cfg)
     d.pop("name", None)
     d.pop("resume", None)
     d["train"].pop("progress", None)
+    d["train"].pop("progress_every", None)
+    d["backend"].pop("identity", None)  # who runs it, not what it computes (each peer of a swarm has its own)
+    defaults = to_dict(Config())
+    for path in _LATER_KEYS:
+        parent, default = d, defaults
+        for k in path[:-1]:
+            parent, default = parent[k], default[k]
+        if parent.get(path[-1]) == default.get(path[-1]):
+            parent.pop(path[-1], None)
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

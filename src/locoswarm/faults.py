@@ -86,10 +86,15 @@ class PhasePlan:
     counts: list[int]  # inner steps each local worker runs (0 = masked: absent, or no step fits its budget)
     slowdown: list[float]  # straggler multiplier on each local worker's step time
     present: list[bool]  # not dropped out by churn
+    claimed: list[int] | None = None  # steps each worker claims to have run (a lazy worker claims more); None = counts
 
     @property
     def steps(self) -> int:
         return max(self.counts, default=0)
+
+    @property
+    def claims(self) -> list[int]:
+        return self.counts if self.claimed is None else self.claimed
 
 
 class PhasePlanner:
@@ -101,8 +106,13 @@ class PhasePlanner:
         ranks: Sequence[int],
         inner_steps: int,
         time_budget: float | None = None,
+        lazy: Sequence[int] = (),
+        lazy_fraction: float = 1.0,
     ):
+        """lazy: ranks that run only ceil(lazy_fraction x) of the x steps they are given and claim all x (a fault
+        for verification studies: ``faults.lazy``)."""
         self.network = network
+        self.lazy, self.lazy_fraction = set(lazy), lazy_fraction
         self.ranks = list(ranks)
         self.inner_steps = inner_steps
         self.time_budget = time_budget
@@ -140,16 +150,13 @@ class PhasePlanner:
                     f"this round ({fastest:.4g}s); raise it or lower network.step_seconds"
                 )
         self.round += 1
-        self.last = PhasePlan(round=r, ranks=list(self.ranks), counts=counts, slowdown=slowdown, present=present)
-        return self.last
-
-    def unplanned(self, steps: int) -> PhasePlan:
-        """The plan of a round whose strategy did not ask for one: everyone ran ``steps`` steps (stragglers
-        still slow it down)."""
-        r = self.round
-        self.round += 1
-        slowdown = [self.network.faults.slowdown(w, r) for w in self.ranks]
-        self.last = PhasePlan(r, list(self.ranks), [steps] * len(self.ranks), slowdown, [True] * len(self.ranks))
+        claimed = None
+        if not sync and self.lazy & set(self.ranks):
+            claimed = list(counts)
+            lazy = [w in self.lazy for w in self.ranks]
+            counts = [math.ceil(c * self.lazy_fraction) if z else c for z, c in zip(lazy, counts, strict=True)]
+        self.last = PhasePlan(round=r, ranks=list(self.ranks), counts=counts, slowdown=slowdown, present=present,
+                              claimed=claimed)  # fmt: skip
         return self.last
 
     def observe(self, counts: Sequence[int], seconds: Sequence[float]) -> None:

@@ -33,7 +33,11 @@ the algorithm still applies every update synchronously unless its strategy imple
 summed over rounds: waiting for the network *and* for stragglers both count as idle.
 
 ``python -m locoswarm.netsim plan ...`` prices a model that was never run: what bandwidth keeps compute
-utilisation at the target for ddp and diloco at each H, for each codec (see ``required_bandwidth``).
+utilisation at the target for ddp, diloco and streaming DiLoCo (P fragments, τ overlapped steps) at each H, for
+each codec (see ``required_bandwidth``). Streaming DiLoCo is priced in steady state as ``locoswarm.timeline``
+books it: one fragment (payload / P) is averaged every I = H·t / P seconds of compute, the exchanges share the
+link one after another, and the workers block τ steps after an exchange started until it is done, so an
+interval lasts W = max(I + max(0, c - τ·t), c) and utilisation is I / W (``interval_seconds``).
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from locoswarm.config import CompressionConfig, NetworkConfig, Topology
+from locoswarm.config import MODEL_PRESETS, CompressionConfig, NetworkConfig, Topology
 from locoswarm.faults import FaultSchedule, PhasePlan
 
 
@@ -234,20 +238,80 @@ def codec_allgathers(compression: CompressionConfig | str) -> bool:
     return not (codec.summable or codec.reducible)
 
 
+def _fragment_schedule(
+    compute_seconds: float, payload_bytes: float, fragments: int, overlap_steps: int, inner_steps: int | None
+) -> tuple[float, float, float]:
+    """(I, fragment payload, τ·t): the compute between two fragment syncs, one fragment's payload, and the compute
+    that overlaps one fragment's exchange, for a round of ``compute_seconds`` = H·t and a ``payload_bytes`` model."""
+    if fragments < 1:
+        raise ValueError(f"fragments={fragments} is invalid: need at least 1 fragment")
+    if overlap_steps < 0:
+        raise ValueError(f"overlap_steps={overlap_steps} is invalid: need tau >= 0")
+    if overlap_steps and not inner_steps:
+        raise ValueError(f"overlap_steps={overlap_steps} needs inner_steps (H) to know the seconds per step")
+    if inner_steps is not None and inner_steps < 1:
+        raise ValueError(f"inner_steps={inner_steps} is invalid: need H >= 1")
+    slack = overlap_steps * compute_seconds / inner_steps if overlap_steps else 0.0
+    return compute_seconds / fragments, payload_bytes / fragments, slack
+
+
+def interval_seconds(compute: float, comm: float, slack: float = 0.0, overlap: bool = False) -> float:
+    """Steady-state wall-clock between two fragment syncs: ``compute`` (I) of training, one exchange of ``comm``
+    (c) seconds that the workers need ``slack`` (τ·t) seconds of compute after it started.
+
+    The workers block for what is left of the exchange when they need it, and the exchanges share the link one
+    after another, so W = max(I + max(0, c - τ·t), c) (the second term: the link itself cannot keep up). With
+    ``overlap`` (``network.overlap``: the workers never block) W = max(I, c). τ = 0: W = I + c, DiLoCo's round."""
+    if overlap:
+        return max(compute, comm)
+    return max(compute + max(0.0, comm - slack), comm)
+
+
 def steady_round(
-    cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float, allgather: bool = False
+    cfg: NetworkConfig,
+    workers: int,
+    compute_seconds: float,
+    payload_bytes: float,
+    allgather: bool = False,
+    *,
+    fragments: int = 1,
+    overlap_steps: int = 0,
+    inner_steps: int | None = None,
 ) -> RoundCost:
-    """One round of ``workers`` identical workers that each compute ``compute_seconds`` then average."""
-    model = NetworkModel(cfg, workers)
+    """One steady-state sync interval of ``workers`` identical workers.
+
+    ``compute_seconds`` is the compute between two syncs of the *same* parameters (H·t) and ``payload_bytes`` the
+    whole model's payload. With P = ``fragments`` the interval is H·t / P of compute and one fragment's averaging
+    (payload / P); with τ = ``overlap_steps`` (needs ``inner_steps`` = H) the workers train τ steps while it is in
+    flight (``interval_seconds``). P = 1, τ = 0: compute then average, DiLoCo's (or ddp's, H = 1) round.
+    """
+    interval, frag_payload, slack = _fragment_schedule(
+        compute_seconds, payload_bytes, fragments, overlap_steps, inner_steps
+    )
+    # compute_seconds is the phase's length: network.step_seconds (which the model would charge per step) must not
+    # replace it
+    model = NetworkModel(dataclasses.replace(cfg, step_seconds=None), workers)
     plan = PhasePlan(round=0, ranks=list(range(workers)), counts=[1] * workers, slowdown=[1.0] * workers,
                      present=[True] * workers)  # fmt: skip
-    return model.price_round(plan, [compute_seconds] * workers, payload_bytes, allgather=allgather)
+    cost = model.price_round(plan, [interval] * workers, frag_payload, allgather=allgather)
+    cost.seconds = interval_seconds(cost.compute_seconds, cost.comm_seconds, slack, cfg.overlap)
+    return cost
 
 
 def utilisation(
-    cfg: NetworkConfig, workers: int, compute_seconds: float, payload_bytes: float, allgather: bool = False
+    cfg: NetworkConfig,
+    workers: int,
+    compute_seconds: float,
+    payload_bytes: float,
+    allgather: bool = False,
+    *,
+    fragments: int = 1,
+    overlap_steps: int = 0,
+    inner_steps: int | None = None,
 ) -> float:
-    cost = steady_round(cfg, workers, compute_seconds, payload_bytes, allgather)
+    """Steady-state compute utilisation: busy compute / wall-clock of one interval (see ``steady_round``)."""
+    cost = steady_round(cfg, workers, compute_seconds, payload_bytes, allgather,
+                        fragments=fragments, overlap_steps=overlap_steps, inner_steps=inner_steps)  # fmt: skip
     return cost.busy_seconds / cost.seconds if cost.seconds > 0 else 0.0
 
 
@@ -258,24 +322,65 @@ def required_bandwidth(
     payload_bytes: float,
     target: float = 0.95,
     allgather: bool = False,
+    *,
+    fragments: int = 1,
+    overlap_steps: int = 0,
+    inner_steps: int | None = None,
 ) -> float:
-    """The uniform link bandwidth (Mbit/s) at which a round of ``compute_seconds`` compute and a
-    ``payload_bytes`` averaging reaches ``target`` compute utilisation (inf: latency alone prevents it).
+    """The uniform link bandwidth (Mbit/s) at which training reaches ``target`` compute utilisation (inf: latency
+    alone prevents it), for ``compute_seconds`` = H·t of compute between two syncs of the same parameters and a
+    whole-model payload of ``payload_bytes``; with P = ``fragments`` and τ = ``overlap_steps`` (Streaming DiLoCo,
+    needs ``inner_steps`` = H for τ), priced as ``steady_round``.
 
-    Every topology's comm time on uniform links is A / b + B (bandwidth term + latency term), so two prices
-    of the model itself give A and B, and the target fixes the comm time it may take: C (1/u - 1) in sequence,
-    C / u with overlap (u < 1)."""
+    Every topology's comm time on uniform links is A / b + B (bandwidth term + latency term), so two prices of
+    the model itself (for one fragment's payload) give A and B, and the target fixes the comm time c one fragment
+    may take, from W = I / u (``interval_seconds``, I = H·t / P): c = τ·t + I (1/u - 1), at most I / u (the link
+    must keep up); c = I / u with ``network.overlap``. P = 1, τ = 0: C (1/u - 1), DiLoCo's answer.
+
+    So with τ = 0 and no latency P leaves the answer unchanged (c and I both shrink by P: the peak bandwidth
+    drops, the need for a target utilisation does not), latency makes more fragments cost more (each pays it),
+    and τ > 0 lowers it: the budget P τ t + C (1/u - 1) for a whole model's worth of exchanges grows with P τ."""
     if not 0 < target <= 1:
         raise ValueError(f"target={target} is invalid: a utilisation in (0, 1]")
+    interval, frag_payload, slack = _fragment_schedule(
+        compute_seconds, payload_bytes, fragments, overlap_steps, inner_steps
+    )
     if workers <= 1 or payload_bytes <= 0:
         return 0.0
-    t1 = steady_round(uniform_network(cfg, 1.0), workers, 0.0, payload_bytes, allgather).comm_seconds
-    t2 = steady_round(uniform_network(cfg, 2.0), workers, 0.0, payload_bytes, allgather).comm_seconds
+    t1 = steady_round(uniform_network(cfg, 1.0), workers, 0.0, frag_payload, allgather).comm_seconds
+    t2 = steady_round(uniform_network(cfg, 2.0), workers, 0.0, frag_payload, allgather).comm_seconds
     a, b = 2 * (t1 - t2), 2 * t2 - t1  # comm(x Mbit/s) = a / x + b
-    allowed = compute_seconds / target if cfg.overlap else compute_seconds * (1 / target - 1)
-    if cfg.overlap and target == 1:
-        allowed = compute_seconds
+    if cfg.overlap:
+        allowed = interval / target
+    else:
+        allowed = min(slack + interval * (1 / target - 1), interval / target)
     return a / (allowed - b) if allowed > b else math.inf
+
+
+GPT2_VOCAB = 50257  # the GPT-2 tokenizer's vocabulary, as benchmarks/bench_utilisation.py prices the presets
+
+
+def preset_params(name: str, vocab_size: int = GPT2_VOCAB, seq_len: int = 1024) -> int:
+    """Parameter count of a ``model=<name>`` preset (``locoswarm.model.PRESETS``), built on the meta device (no
+    memory): tied embedding of ``vocab_size`` tokens, ``seq_len`` positions (1024: the GPU presets' context)."""
+    import torch
+
+    from locoswarm.model import GPT, PRESETS, GPTShape
+
+    if name not in PRESETS:
+        raise ValueError(f"model={name} is not a preset: allowed {', '.join(PRESETS)}")
+    with torch.device("meta"):
+        model = GPT(GPTShape(**PRESETS[name], seq_len=seq_len, vocab_size=vocab_size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def schedule_label(inner_steps: int, fragments: int = 1, overlap_steps: int = 0) -> str:
+    """'ddp', 'diloco H=100', 'streaming P=4 H=100', 'streaming P=4 H=100 τ=5'."""
+    if inner_steps == 1:
+        return "ddp"
+    if fragments == 1 and overlap_steps == 0:
+        return f"diloco H={inner_steps}"
+    return f"streaming P={fragments} H={inner_steps}" + (f" τ={overlap_steps}" if overlap_steps else "")
 
 
 def plan_table(
@@ -286,18 +391,27 @@ def plan_table(
     inner_steps: Sequence[int],
     codecs: Sequence[str],
     target: float,
+    fragments: Sequence[int] = (1,),
+    overlap_steps: Sequence[int] = (0,),
 ) -> list[dict]:
-    """Rows of (algorithm, codec, payload, bandwidth for target utilisation)."""
+    """Rows of (algorithm, codec, payload, bandwidth for target utilisation), for every H, P, τ and codec.
+
+    H = 1 is ddp (one row, whatever P and τ); combinations the streaming strategy rejects (τ >= H) are left out."""
     rows = []
     for h in inner_steps:
-        for name in codecs:
-            comp = CompressionConfig(name=name.split(":")[0])
-            if ":" in name:
-                comp.ratio = float(name.split(":")[1])
-            payload = codec_payload_bytes(comp, params)
-            need = required_bandwidth(network, workers, h * step_seconds, payload, target, codec_allgathers(comp))
-            rows.append({"algorithm": "ddp" if h == 1 else f"diloco H={h}", "codec": name, "payload_MB": payload / 1e6,
-                         "compute_s": h * step_seconds, "mbps": need})  # fmt: skip
+        schedules = [(1, 0)] if h == 1 else [(p, tau) for p in fragments for tau in overlap_steps if tau < h]
+        for p, tau in schedules:
+            for name in codecs:
+                comp = CompressionConfig(name=name.split(":")[0])
+                if ":" in name:
+                    comp.ratio = float(name.split(":")[1])
+                payload = codec_payload_bytes(comp, params)
+                need = required_bandwidth(network, workers, h * step_seconds, payload, target,
+                                          codec_allgathers(comp), fragments=p, overlap_steps=tau, inner_steps=h)  # fmt: skip
+                rows.append({"algorithm": schedule_label(h, p, tau), "codec": name, "payload_MB": payload / 1e6,
+                             "fragment_MB": payload / p / 1e6, "compute_s": h * step_seconds,
+                             "interval_s": h * step_seconds / p, "inner_steps": h, "fragments": p,
+                             "overlap_steps": tau, "mbps": need})  # fmt: skip
     return rows
 
 
@@ -307,34 +421,62 @@ def _fmt_mbps(x: float) -> str:
     return f"{x / 1e3:.3g} Gbit/s" if x >= 1e3 else f"{x:.3g} Mbit/s"
 
 
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m locoswarm.netsim", description="Price a model on a network.")
     sub = p.add_subparsers(dest="cmd", required=True)
     q = sub.add_parser("plan", help="bandwidth that keeps compute utilisation at --target, per algorithm and codec")
-    q.add_argument("--params", type=float, required=True, help="parameter count, e.g. 124e6")
+    size = q.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params", type=float, help="parameter count, e.g. 124e6")
+    size.add_argument("--model", choices=[m for m in MODEL_PRESETS if m != "custom"],
+                      help="take the parameter count from a model preset (see --vocab-size, --seq-len)")  # fmt: skip
+    q.add_argument("--vocab-size", type=int, default=GPT2_VOCAB, help="with --model: vocabulary (GPT-2's by default)")
+    q.add_argument("--seq-len", type=int, default=1024, help="with --model: context length (position embedding)")
     q.add_argument("--step-seconds", type=float, required=True, help="measured seconds per inner step")
     q.add_argument("--tokens-per-step", type=float, default=None, help="tokens per worker per step (for tok/s)")
     q.add_argument("--workers", type=int, default=8)
     q.add_argument("--topology", default="ring", choices=[t.value for t in Topology])
     q.add_argument("--latency-ms", type=float, default=0.0)
-    q.add_argument("--overlap", action="store_true", help="communication overlaps compute")
+    q.add_argument("--overlap", action="store_true", help="network.overlap: communication never blocks compute")
     q.add_argument("--target", type=float, default=0.95)
-    q.add_argument("--inner-steps", default="1,50,500", help="comma list; 1 = ddp")
+    q.add_argument("--inner-steps", default="1,50,500", help="comma list of H; 1 = ddp")
+    q.add_argument("--fragments", default="1", help="comma list of P (streaming DiLoCo fragments); 1 = diloco")
+    q.add_argument("--overlap-steps", default="0", help="comma list of tau, inner steps that overlap a fragment's "
+                   "exchange (streaming DiLoCo); combinations with tau >= H are left out")  # fmt: skip
     q.add_argument("--codecs", default="none,bf16,int8,int4,topk:0.01", help="comma list; topk:0.01 sets the ratio")
     args = p.parse_args(argv)
+    fragments, taus = _ints(args.fragments), _ints(args.overlap_steps)
+    if any(f < 1 for f in fragments) or any(t < 0 for t in taus):
+        p.error(f"--fragments {args.fragments} / --overlap-steps {args.overlap_steps}: need P >= 1 and tau >= 0")
+    if args.model:
+        from locoswarm.model import PRESETS
+
+        n_layer = PRESETS[args.model]["n_layer"]
+        if max(fragments) > n_layer:
+            p.error(f"--fragments {args.fragments}: model {args.model} has {n_layer} blocks, P <= {n_layer}")
+        params = float(preset_params(args.model, args.vocab_size, args.seq_len))
+        what = f"model {args.model}: {params / 1e6:.1f}M params (vocab {args.vocab_size}, seq_len {args.seq_len})"
+    else:
+        params = args.params
+        what = f"{params / 1e6:.1f}M params"
     net = NetworkConfig(name="plan", latency_ms=args.latency_ms, topology=Topology(args.topology),
                         overlap=args.overlap)  # fmt: skip
-    hs = [int(h) for h in args.inner_steps.split(",")]
-    rows = plan_table(args.params, args.step_seconds, args.workers, net, hs, args.codecs.split(","), args.target)
-    print(f"# {args.params / 1e6:.1f}M params, {args.step_seconds * 1e3:.1f} ms/step, K={args.workers} "
-          f"{args.topology}, latency {args.latency_ms} ms, overlap={args.overlap}: bandwidth per worker link for "
-          f"{args.target:.0%} compute utilisation")  # fmt: skip
+    rows = plan_table(params, args.step_seconds, args.workers, net, _ints(args.inner_steps), args.codecs.split(","),
+                      args.target, fragments, taus)  # fmt: skip
+    print(f"# {what}, {args.step_seconds * 1e3:.1f} ms/step, K={args.workers} {args.topology}, latency "
+          f"{args.latency_ms} ms, overlap={args.overlap}: bandwidth per worker link for {args.target:.0%} compute "
+          f"utilisation")  # fmt: skip
+    print("# a fragment (1/P of the payload) is averaged every H/P steps; tau: steps trained while it is in flight")
     if args.tokens_per_step:
         print(f"# compute-bound throughput: {args.workers * args.tokens_per_step / args.step_seconds:,.0f} tok/s")
-    print(f"{'algorithm':<16}{'codec':<12}{'payload':>12}{'compute/round':>15}{'bandwidth':>18}")
+    width = max([len("algorithm")] + [len(r["algorithm"]) for r in rows]) + 2
+    print(f"{'algorithm':<{width}}{'codec':<12}{'payload':>12}{'per sync':>12}{'sync every':>12}{'bandwidth':>16}")
     for r in rows:
-        print(f"{r['algorithm']:<16}{r['codec']:<12}{r['payload_MB']:>9.1f} MB{r['compute_s']:>14.3g}s"
-              f"{_fmt_mbps(r['mbps']):>18}")  # fmt: skip
+        print(f"{r['algorithm']:<{width}}{r['codec']:<12}{r['payload_MB']:>9.1f} MB{r['fragment_MB']:>9.1f} MB"
+              f"{r['interval_s']:>11.3g}s{_fmt_mbps(r['mbps']):>16}")  # fmt: skip
     return 0
 
 

@@ -257,6 +257,23 @@ def outer_update(metrics: pd.DataFrame, ax=None):
     return ax
 
 
+def outer_optimizer_state(metrics: pd.DataFrame, ax=None):
+    """What the outer optimiser did with the outer gradient: the norm of the step it applied to the anchor and of
+    its momentum buffer (Nesterov/SGD; Adam's first moment). A step much larger than the outer gradient is
+    momentum carrying the anchor on; a momentum norm that keeps growing is an outer lr/momentum set too high."""
+    ax = _ax(ax)
+    rows = sync_rows(metrics)
+    for key, label, style in [("outer_grad_norm", "outer gradient (input)", dict(color="0.5", lw=1.0, ls=":")),
+                              ("outer_update_norm", "update applied to the anchor", dict(color="C0", lw=1.6)),
+                              ("outer_momentum_norm", "momentum buffer", dict(color="C3", lw=1.4, ls="--"))]:  # fmt: skip
+        if len(rows) and key in rows and rows[key].notna().any():
+            ax.plot(rows["outer_step"], rows[key], marker=".", label=label, **style)
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("L2 norm")
+    ax.legend(frameon=False)
+    return ax
+
+
 def save(fig, path: str | Path, pdf: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,15 +50,21 @@ def git_sha() -> str:
         return "unknown"
 
 
+def _row_step(line: str) -> float:
+    """A row's step; a line cut short by a kill -9 mid-write (not valid JSON) sorts after every step: dropped."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class RunLog:
     def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            keep = [
-                line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step
-            ]
+            keep = [line for line in self.path.read_text().splitlines() if _row_step(line) <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in keep))
         elif self.path.exists():
             self.path.unlink()  # a fresh run in an old directory starts a fresh log

@@ -236,16 +236,41 @@ class WorkerGroup:
         return losses, seconds
 
     @torch.no_grad()
-    def pseudo_gradients(self, anchor: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """(anchor − local params) for every worker, stacked: [(L, *shape)]."""
-        return [torch.stack([a - w.params[i] for w in self.workers]) for i, a in enumerate(anchor)]
+    def pseudo_gradients(self, anchor: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """(anchor − local params) for every worker, stacked: [(L, *shape)]. idx: the parameter indices that
+        ``anchor`` holds (a fragment of the model; default all, in order)."""
+        idx = range(len(anchor)) if idx is None else idx
+        return [torch.stack([a - w.params[i] for w in self.workers]) for a, i in zip(anchor, idx, strict=True)]
+
+    @torch.no_grad()
+    def pseudo_gradients_each(self, anchors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """(anchor_j − worker j's params), stacked, for per-worker anchors ``anchors[i]`` of shape (L, *shape)."""
+        return [torch.stack([a[j] - w.params[i] for j, w in enumerate(self.workers)]) for i, a in enumerate(anchors)]
+
+    @torch.no_grad()
+    def load_params_each(self, stacked: Sequence[torch.Tensor]) -> None:
+        """Worker j's params := ``stacked[i][j]`` (per-worker values, (L, *shape) each)."""
+        for j, w in enumerate(self.workers):
+            for p, t in zip(w.params, stacked, strict=True):
+                p.copy_(t[j])
 
     def params(self, worker: int = 0) -> list[torch.Tensor]:
         return self.workers[worker].params
 
-    def load_params(self, tensors: Sequence[torch.Tensor]) -> None:
+    def load_params(self, tensors: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> None:
+        """Every worker's params (those at ``idx``, default all) := ``tensors``."""
+        self.mix_params(tensors, range(len(tensors)) if idx is None else idx, 0.0)
+
+    @torch.no_grad()
+    def mix_params(self, tensors: Sequence[torch.Tensor], idx: Sequence[int], alpha: float) -> None:
+        """Every worker's params at ``idx`` := alpha * own + (1 - alpha) * ``tensors``. alpha 0 is a copy (so a
+        replica that diverged to inf/NaN is replaced, not kept: 0 * NaN is NaN)."""
         for w in self.workers:
-            w.load_params(tensors)
+            for t, i in zip(tensors, idx, strict=True):
+                if alpha == 0.0:
+                    w.params[i].copy_(t)
+                else:
+                    w.params[i].mul_(alpha).add_(t, alpha=1.0 - alpha)
 
     def state_dict(self) -> dict:
         return {"workers": [w.state_dict() for w in self.workers]}

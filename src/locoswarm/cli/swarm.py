@@ -2,8 +2,15 @@
 
   locoswarm-swarm --peers N --out DIR [overrides...]      N local peers of one config; peer i hosts worker rank i
                                                           (its data shard) and writes DIR/peer-<i>/
-  locoswarm-swarm join MULTIADDR [--out DIR] [--rank R] [overrides...]
+  locoswarm-swarm join MULTIADDR [--out DIR] [--rank R] [--identity FILE] [overrides...]
                                                           one more peer for a running swarm (any machine)
+  locoswarm-swarm keygen FILE [FILE...]                   new peer identities; prints their peer ids, one a line
+
+Every peer has an identity (a libp2p key: its peer id, and the key that signs its DHT records): DIR/peer-<i>/
+identity.key for launched peers and <run dir>/identity.key for a joiner (``--identity`` elsewhere), made on first
+use and kept, so a restarted peer is the same peer. To admit only known peers, list their ids in a file and pass
+``backend.allowed_peers=FILE`` to every peer, e.g.
+``locoswarm-swarm keygen run/peer-0/identity.key run/peer-1/identity.key > allowed.txt``.
 
 Overrides are locoswarm-train's (``backend=hivemind`` is implied; ``workers`` defaults to N). Peer 0 starts the
 DHT and prints its multiaddr; the others bootstrap from it. A joiner hosts the lowest worker rank that no live
@@ -11,6 +18,11 @@ peer holds (a departed peer's shard; ``--rank`` overrides), downloads the swarm'
 trains. To accept peers from other machines, listen on a routable address:
 ``backend.host_maddrs=[/ip4/0.0.0.0/tcp/31337]`` (and ``backend.announce_maddrs=[/ip4/<public ip>/tcp/31337]``
 behind NAT). All peers of a swarm must use the same overrides apart from those addresses.
+
+Robust aggregation (``aggregator=median`` ...) works as on ``backend=sim``. For tests of it, ``faults.byzantine=n
+faults.attack=nan|scale|signflip|random`` makes the peers that host the last n worker ranks malicious (what they
+send is replaced before it is encoded, exactly as the sim's simulated attackers): a test-only peer mode, never
+for a real swarm. ``alie`` needs every honest contribution in one process and stays sim-only.
 
 This process supervises its peers: each runs in its own session, Ctrl+C is forwarded to them (each writes
 summary.json with its status and shuts its DHT and p2pd down), and whatever a peer leaves behind when it dies
@@ -55,6 +67,7 @@ def run_peer(argv: list[str]) -> int:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--initial-peer", action="append", default=[])
     p.add_argument("--expect", type=int, default=None, help="peers launched together (they start together)")
+    p.add_argument("--identity", type=Path, default=None, help="identity file (made if missing)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -69,7 +82,6 @@ def run_peer(argv: list[str]) -> int:
         level=logging.INFO,
         format=f"[peer-{args.index}] %(asctime)s %(name)s %(levelname)s: %(message)s",
     )
-    from locoswarm.comm.exchange import LocalCodecs
     from locoswarm.comm.hivemind import HivemindAverager
     from locoswarm.runlog import atomic_write_text
     from locoswarm.trainer import train
@@ -84,12 +96,27 @@ def run_peer(argv: list[str]) -> int:
         return 2
     # The bootstrap address is runtime wiring, like a port: it is not part of the run's config (or its hash).
     backend = dataclasses.replace(cfg.backend, initial_peers=args.initial_peer or list(cfg.backend.initial_peers))
+    new_identity = False
+    if backend.identity is None and args.identity is not None:  # an explicit backend.identity wins
+        from locoswarm.comm.identity import generate
+
+        if not args.identity.exists():
+            log.info("new peer identity %s in %s", generate(args.identity), args.identity)
+            new_identity = True
+        backend = dataclasses.replace(backend, identity=str(args.identity))
     run_dir = args.out
     averager = None
     try:
-        codecs = LocalCodecs(cfg.compression, cfg.seed)
         averager = HivemindAverager(
-            backend, workers=cfg.workers, rank=args.rank, expected_peers=args.expect, codecs=codecs
+            backend,
+            workers=cfg.workers,
+            rank=args.rank,
+            expected_peers=args.expect,
+            compression=cfg.compression,
+            seed=cfg.seed,
+            aggregator=cfg.aggregator,
+            new_identity=new_identity,
+            verify=cfg.verify.fraction > 0,
         )
         atomic_write_text(run_dir / MADDR_FILE, "\n".join(averager.maddrs) + "\n")
         print(f"locoswarm-swarm: peer-{args.index} DHT address: {averager.maddrs[0]}", flush=True)
@@ -124,7 +151,14 @@ class Supervisor:
         self.reaped: set[str] = set()
 
     def spawn(
-        self, name: str, run_dir: Path, overrides: list[str], initial: list[str], rank: int | None, expect: int | None
+        self,
+        name: str,
+        run_dir: Path,
+        overrides: list[str],
+        initial: list[str],
+        rank: int | None,
+        expect: int | None,
+        identity: Path | None = None,
     ) -> None:
         cmd = [sys.executable, "-m", "locoswarm.cli.swarm", "peer", "--index", name.removeprefix("peer-")]
         cmd += ["--out", str(run_dir)]
@@ -134,6 +168,7 @@ class Supervisor:
             cmd += ["--initial-peer", m]
         if rank is not None:
             cmd += ["--rank", str(rank)]
+        cmd += ["--identity", str(identity if identity is not None else run_dir / "identity.key")]
         cmd += ["--", *overrides]
         # Own session: a terminal's Ctrl+C reaches only us, and we can kill everything a peer started by group.
         self.peers[name] = (subprocess.Popen(cmd, start_new_session=True), run_dir)
@@ -226,10 +261,29 @@ def _with_defaults(overrides: list[str], peers: int | None) -> list[str]:
     return extra + overrides
 
 
+def keygen(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="locoswarm-swarm keygen", description="Write new peer identities.")
+    p.add_argument("files", nargs="+", type=Path, help="where to write each identity (never overwritten)")
+    args = p.parse_args(argv)
+    from locoswarm.comm.identity import generate
+
+    for path in args.files:
+        try:
+            peer_id = generate(path)
+        except (FileExistsError, OSError) as e:
+            print(f"locoswarm-swarm keygen: error: {e}", file=sys.stderr)
+            return 1
+        print(peer_id)  # stdout: a backend.allowed_peers file, one line per peer
+        print(f"locoswarm-swarm keygen: {path}: peer id {peer_id}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "peer":  # internal: one peer process, started by the supervisor below
         return run_peer(argv[1:])
+    if argv and argv[0] == "keygen":
+        return keygen(argv[1:])
     joining = bool(argv) and argv[0] == "join"
     p = argparse.ArgumentParser(
         prog="locoswarm-swarm join" if joining else "locoswarm-swarm",
@@ -240,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("multiaddr", help="the DHT address a live peer printed")
         p.add_argument("--out", type=Path, default=None, help="this peer's run dir (default runs/join-<time>)")
         p.add_argument("--rank", type=int, default=None, help="worker rank (data shard); default: a free one")
+        p.add_argument("--identity", type=Path, default=None, help="identity file (default <out>/identity.key)")
     else:
         p.add_argument("--peers", type=int, required=True, help="local peers to start")
         p.add_argument("--out", type=Path, required=True, help="peer i writes DIR/peer-<i>/")
@@ -251,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if joining:
         overrides = _with_defaults(args.overrides, None)
         out = args.out or Path("runs") / time.strftime("join-%Y%m%d-%H%M%S")
-        sup.spawn("peer-join", out, overrides, [args.multiaddr], args.rank, None)
+        sup.spawn("peer-join", out, overrides, [args.multiaddr], args.rank, None, args.identity)
         return sup.wait()
     if args.peers < 1:
         p.error("--peers must be >= 1")

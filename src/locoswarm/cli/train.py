@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> float | None:
         from locoswarm.comm.torch_dist import TorchDistAverager
 
         try:
-            averager = TorchDistAverager(config)
+            averager = TorchDistAverager(config, aggregator=config.aggregator)
         except ValueError as e:
             print(f"locoswarm-train: error: {e}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -32,11 +32,16 @@ with the averager's ``state_dict``; nothing of them crosses the wire.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
 
+from locoswarm.comm.aggregate import Aggregator, WeightedMean, combine
 from locoswarm.compression import Codec, Payload, codec_factory
+from locoswarm.compression.error_feedback import ErrorFeedback
+
+_MEAN = WeightedMean()
 
 
 def allgather_bytes(group: int, payload_bytes: float) -> float:
@@ -55,18 +60,16 @@ def chunk_payloads(codec: Codec, payload: Payload, owners: int) -> list[Payload]
     return [codec.slice_blocks(payload, lo, hi) for lo, hi in owner_blocks(codec.block_count(payload.shape), owners)]
 
 
-def reduce_chunk(requantizer: Codec, pieces: Sequence[Payload], shares: Sequence[float]) -> Payload:
-    """An owner's work: sum_j shares[j] * decode(pieces[j]) in the order given, re-encoded with ``requantizer``."""
-    acc: torch.Tensor | None = None
-    for piece, share in zip(pieces, shares, strict=True):
-        decoded = requantizer.decode(piece)
-        if acc is None:
-            acc = torch.zeros_like(decoded)
-        if share != 0.0:
-            acc.add_(decoded, alpha=share)
-    if acc is None:
+def reduce_chunk(
+    requantizer: Codec, pieces: Sequence[Payload], shares: Sequence[float], max_norm_ratio: float | None = None
+) -> tuple[Payload, dict[int, str]]:
+    """An owner's work: sum_j shares[j] * decode(pieces[j]) in the order given, re-encoded with ``requantizer``,
+    after screening the pieces (comm/aggregate.py). Returns (payload, dropped piece index -> reason)."""
+    if not pieces:
         raise ValueError("reduce_chunk needs at least one piece")
-    return requantizer.encode(acc)
+    rows = [[requantizer.decode(piece)] for piece in pieces]
+    (mean,), dropped = combine(_MEAN, rows, shares, max_norm_ratio)
+    return requantizer.encode(mean), dropped
 
 
 def assemble_chunks(codec: Codec, like: Payload, reduced: Sequence[Payload]) -> torch.Tensor:
@@ -78,15 +81,17 @@ def assemble_chunks(codec: Codec, like: Payload, reduced: Sequence[Payload]) -> 
 
 
 class LocalCodecs:
-    """The codecs of one worker, one per tensor, built lazily with the run's shared seeds."""
+    """The codecs of one worker for one stream of rounds (``key``), one per tensor, built lazily with the run's
+    shared seeds."""
 
-    def __init__(self, compression_cfg, run_seed: int):
+    def __init__(self, compression_cfg, run_seed: int, key: str = "all"):
         self._factory = codec_factory(compression_cfg, run_seed)
+        self.key = key
         self._codecs: list[Codec] = []
 
     def codecs(self, count: int) -> list[Codec]:
         while len(self._codecs) < count:
-            self._codecs.append(self._factory(len(self._codecs)))
+            self._codecs.append(self._factory(self.key, len(self._codecs)))
         return self._codecs[:count]
 
     @property
@@ -161,19 +166,46 @@ class LocalCodecs:
     ) -> bytes:
         """Owner j's stage 2: the group's slices of chunk j (one blob per member, in rank order) -> the chunk's
         re-encoded weighted mean, as wire bytes. A malformed blob raises ``ValueError`` before any work."""
+        return self.reduce_owned_screened(j, owners, blobs, shares, like)[0]
+
+    def reduce_owned_screened(
+        self,
+        j: int,
+        owners: int,
+        blobs: Sequence[bytes],
+        shares: Sequence[float],
+        like: Sequence[Payload],
+        max_norm_ratio: float | None = None,
+    ) -> tuple[bytes, list[dict[int, str]]]:
+        """``reduce_owned``, screening each tensor's pieces (comm/aggregate.py) as the sim does. Returns (wire
+        bytes, per tensor: dropped member index -> reason); ``merge_dropped`` combines the owners' reports in the
+        sim's order."""
         per_peer = [self._pieces(blob, j, owners, like) for blob in blobs]
         codecs = self.codecs(len(like))
-        return b"".join(
-            reduce_chunk(codecs[i].requantizer(), [pieces[i] for pieces in per_peer], shares).to_bytes()
-            for i in range(len(like))
-        )
+        parts, dropped = [], []
+        for i in range(len(like)):
+            payload, why = reduce_chunk(codecs[i].requantizer(), [pieces[i] for pieces in per_peer], shares,
+                                        max_norm_ratio)  # fmt: skip
+            parts.append(payload.to_bytes())
+            dropped.append(why)
+        return b"".join(parts), dropped
 
     def assemble(self, reduced: Sequence[bytes], like: Sequence[Payload]) -> list[torch.Tensor]:
-        """Every owner's reduced chunk (in rank order) -> the group mean of every tensor."""
+        """Every owner's reduced chunk (in rank order) -> the group mean of every tensor. A chunk that is malformed,
+        or that decodes to inf or NaN (finite scales whose products overflow: an owner re-encodes a screened, finite
+        mean, so it never sends one), raises ``ValueError`` naming its owner: nobody screens the reduced chunks."""
         owners = len(reduced)
         per_owner = [self._pieces(blob, j, owners, like) for j, blob in enumerate(reduced)]
         codecs = self.codecs(len(like))
-        return [assemble_chunks(codecs[i], p, [pieces[i] for pieces in per_owner]) for i, p in enumerate(like)]
+        out = [assemble_chunks(codecs[i], p, [pieces[i] for pieces in per_owner]) for i, p in enumerate(like)]
+        for i, (codec, p, t) in enumerate(zip(codecs, like, out, strict=True)):
+            bad = (~torch.isfinite(t.reshape(-1))).nonzero()
+            if bad.numel():
+                first = int(bad[0])
+                blocks = owner_blocks(codec.block_count(p.shape), owners)
+                j = next(j for j, (lo, hi) in enumerate(blocks) if first < codec.block_entries(p.shape, lo, hi)[1])
+                raise ValueError(f"owner {j}'s reduced chunk of tensor {i} decodes to non-finite values")
+        return out
 
     # ------------------------------------------------------------------ other codecs: all-gather whole payloads
     @staticmethod
@@ -188,38 +220,83 @@ class LocalCodecs:
     def decode_mean(
         self, blobs: Sequence[bytes], shares: Sequence[float], like: Sequence[Payload]
     ) -> list[torch.Tensor]:
-        """sum_j shares[j] * decode(blobs[j]), per tensor, accumulated in the order given (the sim's arithmetic).
+        """sum_j shares[j] * decode(blobs[j]), per tensor, accumulated in the order given (the sim's arithmetic)."""
+        return self.decode_combine(blobs, shares, like)[0]
+
+    def decode_combine(
+        self,
+        blobs: Sequence[bytes],
+        shares: Sequence[float],
+        like: Sequence[Payload],
+        aggregator: Aggregator = _MEAN,
+        max_norm_ratio: float | None = None,
+    ) -> tuple[list[torch.Tensor], dict[int, str]]:
+        """Decode every blob, screen and aggregate them (comm/aggregate.py: the sim's arithmetic). Returns (result,
+        dropped blob index -> reason).
 
         ``like``: this worker's own payloads of the round (shapes, dtypes and the agreed meta). A blob of the
         wrong length or that fails a codec's checks raises ``ValueError`` before anything is accumulated."""
+        rows = []
+        for j, blob in enumerate(blobs):
+            try:
+                rows.append(self.decode_row(blob, like))
+            except ValueError as e:
+                raise ValueError(f"peer {j}'s payload: {e}") from e
+        return combine(aggregator, rows, shares, max_norm_ratio)
+
+    def decode_row(self, blob: bytes, like: Sequence[Payload]) -> list[torch.Tensor]:
+        """One peer's packed payload (``pack``) decoded, per tensor. ``like``: this worker's own payloads of the
+        round (shapes, dtypes and the agreed meta). A blob of the wrong length or that fails a codec's checks
+        raises ``ValueError``."""
         codecs = self.codecs(len(like))
         sizes = [c.wire_nbytes(p.shape, p.dtype) for c, p in zip(codecs, like, strict=True)]
-        decoded_per_peer = []
-        for j, blob in enumerate(blobs):
-            if len(blob) != sum(sizes):
-                raise ValueError(f"peer {j}'s payload has {len(blob)} bytes, expected {sum(sizes)}")
-            view, offset, tensors = memoryview(blob), 0, []
-            for codec, p, size in zip(codecs, like, sizes, strict=True):
-                payload = codec.payload_from_bytes(
-                    view[offset : offset + size], p.shape, p.dtype, device=_device(p), meta=dict(p.meta)
-                )
-                tensors.append(codec.decode(payload))
-                offset += size
-            decoded_per_peer.append(tensors)
-        out = []
-        for i in range(len(like)):
-            acc = torch.zeros_like(decoded_per_peer[0][i])
-            for share, tensors in zip(shares, decoded_per_peer, strict=True):
-                if share != 0.0:
-                    acc.add_(tensors[i], alpha=share)
-            out.append(acc)
-        return out
+        if len(blob) != sum(sizes):
+            raise ValueError(f"{len(blob)} bytes, expected {sum(sizes)}")
+        view, offset, tensors = memoryview(blob), 0, []
+        for codec, p, size in zip(codecs, like, sizes, strict=True):
+            payload = codec.payload_from_bytes(
+                view[offset : offset + size], p.shape, p.dtype, device=_device(p), meta=dict(p.meta)
+            )
+            tensors.append(codec.decode(payload))
+            offset += size
+        return tensors
+
+    # ------------------------------------------------------------------ rolling a failed round's encode back
+    def snapshot(self, count: int) -> list[Codec]:
+        """A deep copy of the first ``count`` codecs (error-feedback residuals, PowerSGD's warm start), taken
+        before an encode so that a round which then fails can be undone (``restore``)."""
+        return copy.deepcopy(self.codecs(count))
+
+    def restore(self, snapshot: Sequence[Codec]) -> None:
+        """Put the codecs back as ``snapshot`` holds them (it is consumed: the codecs become those objects)."""
+        self._codecs[: len(snapshot)] = list(snapshot)
+
+    def residuals(self, count: int | None = None) -> list[torch.Tensor | None]:
+        """The error-feedback residual of each codec (None: none yet, or not an error-feedback codec)."""
+        return residuals(self._codecs if count is None else self.codecs(count))
 
     def state_dict(self) -> dict:
         return {"codecs": list(self._codecs)}
 
     def load_state_dict(self, state: dict) -> None:
         self._codecs = list(state["codecs"])
+
+
+def residuals(codecs: Sequence[Codec]) -> list[torch.Tensor | None]:
+    """Each codec's error-feedback residual (None where it has none)."""
+    return [c.residual if isinstance(c, ErrorFeedback) else None for c in codecs]
+
+
+def merge_dropped(per_owner: Sequence[Sequence[dict[int, str]]]) -> dict[int, str]:
+    """The owners' screening reports (per owner, per tensor: member index -> reason) as one dict, merged tensor by
+    tensor and owner by owner: the order in which the sim screens the same chunks, so the same reason wins. A report
+    may be shorter than the others (a groupmate's report is untrusted; a malformed one reads as empty)."""
+    out: dict[int, str] = {}
+    for i in range(max((len(t) for t in per_owner), default=0)):
+        for tensors in per_owner:
+            if i < len(tensors):
+                out.update(tensors[i])
+    return out
 
 
 def _device(payload: Payload) -> torch.device:

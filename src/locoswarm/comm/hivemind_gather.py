@@ -12,8 +12,15 @@ chunk to each owner for a reduce-scatter) through a protobuf stream handler on a
 waits until it holds what it expects from each groupmate for that round and stage.
 
 The sender of a payload is the libp2p peer id of the connection (authenticated by libp2p), not a field the
-sender fills in; payloads larger than the round allows and for rounds already finished are dropped on arrival
-(the exact length is checked by the decoder, ``LocalCodecs``).
+sender fills in. Payloads for rounds already finished, or for a round this peer has not entered (no ``expect``),
+are dropped on arrival without being read. A payload larger than the round allows is read no further than one
+byte past the limit and kept as that prefix: it counts as arrived (no one waits for it until the deadline) and
+fails the decoder's exact length check (``LocalCodecs``), so its sender alone is dropped from the round, and a
+sender cannot make us buffer more than the limit.
+
+The mailbox also serves this peer's committed phase start states to groupmates that verify it (``serve``,
+``fetch``; verify.py's ``PeerReplay``): a request names a round, the answer streams the bytes committed for it
+(the last two rounds are kept), and the asker reads no more than it expects.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class PayloadMailbox:
         self._inbox: dict[tuple[int, int, str, bytes], bytes] = {}  # (round, redo, stage, sender) -> payload
         self._expect: dict[int, int] = {}  # round -> the largest payload we accept (set before a round's exchange)
         self._oldest_round = 0  # payloads for earlier rounds are dropped
+        self._evidence: dict[int, bytes] = {}  # round -> the start state we committed to in it (``serve``)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="locoswarm-gather", daemon=True)
         self._thread.start()
@@ -59,6 +67,8 @@ class PayloadMailbox:
     async def _setup(self, dht: DHT) -> P2P:
         p2p = await dht.replicate_p2p()
         await p2p.add_protobuf_handler(self.name, self._receive, averaging_pb2.AveragingData, stream_input=True)
+        await p2p.add_protobuf_handler(f"{self.name}_evidence", self._answer, averaging_pb2.AveragingData,
+                                       stream_output=True)  # fmt: skip
         return p2p
 
     # ------------------------------------------------------------------ receiving (runs in the loop thread)
@@ -66,7 +76,9 @@ class PayloadMailbox:
         self, requests: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
     ) -> averaging_pb2.AveragingData:
         header: tuple[int, int, str] | None = None
+        size = 0
         chunks: list[bytes] = []
+        received = 0
         async for msg in requests:
             if header is None:
                 try:
@@ -74,18 +86,74 @@ class PayloadMailbox:
                     header = (int(round_), int(redo), stage)
                 except ValueError:
                     return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                with self._cond:
+                    limit = self._expect.get(header[0])
+                    if header[0] < self._oldest_round or limit is None:  # finished, or a round we are not in
+                        log.debug("dropping a payload for round %s from %s", header, context.remote_id)
+                        return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                size = limit
             chunks.append(msg.tensor_part.buffer)
+            received += len(msg.tensor_part.buffer)
+            if received > size:
+                break  # too long for the round: read no further (see the module docstring)
         if header is None:
             return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
         blob = b"".join(chunks)
+        oversized = len(blob) > size
+        if oversized:
+            log.debug("a payload for round %s from %s exceeds %d bytes", header, context.remote_id, size)
+            blob = blob[: size + 1]  # arrived, and refused by the decoder's length check
         with self._cond:
-            size = self._expect.get(header[0])
-            if header[0] < self._oldest_round or (size is not None and len(blob) > size):
-                log.debug("dropping a %d-byte payload for round %s from %s", len(blob), header, context.remote_id)
+            if header[0] < self._oldest_round:  # the round ended while it streamed in
                 return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
             self._inbox[(*header, context.remote_id.to_bytes())] = blob
             self._cond.notify_all()
-        return averaging_pb2.AveragingData(code=averaging_pb2.ACCEPTED)
+        return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID if oversized else averaging_pb2.ACCEPTED)
+
+    async def _answer(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        try:
+            blob = self._evidence.get(int(request.group_id.decode()))
+        except ValueError:
+            blob = None
+        if blob is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        for start in range(0, max(1, len(blob)), CHUNK_BYTES):
+            yield averaging_pb2.AveragingData(tensor_part=runtime_pb2.Tensor(buffer=blob[start : start + CHUNK_BYTES]))
+
+    # ------------------------------------------------------------------ committed start states (verification)
+    def serve(self, round_: int, blob: bytes) -> None:
+        """Answer requests for ``round_`` with ``blob`` (rounds before ``round_ - 1`` are forgotten)."""
+        with self._cond:
+            self._evidence[round_] = blob
+            for r in [r for r in self._evidence if r < round_ - 1]:
+                del self._evidence[r]
+
+    def fetch(self, peer: PeerID, round_: int, limit: int, timeout: float) -> bytes | None:
+        """What ``peer`` serves for ``round_``: None if it has nothing, does not answer within ``timeout`` seconds or
+        sends more than ``limit`` bytes (read no further)."""
+
+        async def ask() -> bytes | None:
+            request = averaging_pb2.AveragingData(group_id=str(round_).encode())
+            stream = await self._p2p.iterate_protobuf_handler(peer, f"{self.name}_evidence", request,
+                                                              averaging_pb2.AveragingData)  # fmt: skip
+            parts, size = [], 0
+            async for msg in stream:
+                if msg.code == averaging_pb2.BAD_GROUP_ID:
+                    return None
+                parts.append(msg.tensor_part.buffer)
+                size += len(msg.tensor_part.buffer)
+                if size > limit:
+                    return None
+            return b"".join(parts)
+
+        try:
+            return self._run(asyncio.wait_for(ask(), timeout), timeout=timeout + 5)
+        except Exception as e:  # noqa: BLE001 - a dead peer, a broken stream, a timeout: it did not serve
+            log.info("no start state from %s for round %d: %s", peer, round_, f"{type(e).__name__}: {e}"[:200])
+            return None
 
     # ------------------------------------------------------------------ sending
     async def _send(self, peer: PeerID, tag: bytes, blob: bytes) -> None:
@@ -157,6 +225,7 @@ class PayloadMailbox:
 
     async def _shutdown(self) -> None:
         await self._p2p.remove_protobuf_handler(self.name, stream_input=True)
+        await self._p2p.remove_protobuf_handler(f"{self.name}_evidence", stream_output=True)
         await self._p2p.shutdown()  # a replica: closes our connections to the daemon, never the daemon itself
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for t in tasks:

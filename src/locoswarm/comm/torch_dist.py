@@ -31,11 +31,29 @@ a round counter that keys random-k's shared indices, both in ``state_dict`` so a
   sums ``share x decode`` in rank order with the shares computed as ``sim`` does, so the result equals ``sim``'s
   bit for bit.
 
+The aggregator (``aggregator=...``, ``aggregator.max_norm_ratio``) joins the codec in choosing the path, exactly
+as on ``sim`` (``aggregate.exchange_path``): a robust aggregator (trimmed_mean, median, centered_clip) all-gathers
+whatever the codec, and every rank screens and aggregates the same rows (``aggregate.combine``); mean over a
+summable codec all-reduces, so only the sum can be screened (a non-finite sum rejects the round: zeros, every
+member reported); mean over int8/int4 reduce-scatters, each owner screens the pieces of its chunk and the owners'
+reports are all-gathered (a small object all-gather), so every rank's ``Round.rejected`` (rank -> reason) is the
+sim's. A rank whose codec refuses its input (a quantiser and NaN) sends zeros with weight 0 and reports itself.
+
 A rank whose weight is 0 takes part in the collectives with a zero contribution but leaves its codecs' state
-alone (as ``sim`` skips a masked worker); ``group_size`` counts the ranks with a positive weight. The result
+alone (as ``sim`` skips a masked worker); ``group_size`` counts the ranks with a positive weight and
+``Round.members`` lists them (the all-reduce path sums a one-hot flag per rank with the total weight: world x 8
+bytes more in the tiny float64 all-reduce it already does). The result
 comes back on the caller's device and dtype; the collective runs on ``self.device`` (this rank's GPU for nccl).
 torch.distributed is not fault tolerant: a rank that dies fails the job (after ``backend.dist_timeout``); use
 ``backend=hivemind`` for peers that come and go.
+
+Threads: rounds run on the averager's one background thread (``Averager.start``), in start order, so every rank
+issues the same collectives in the same order while its main thread trains (streaming DiLoCo's overlap). The main
+thread issues no collective once training has begun (``run_dir_for`` runs before the first round), so the two
+threads never interleave collectives on the process group. A round reads only the tensors it was handed
+(pseudo-gradients, never the live parameters) and encodes them in the background thread with the codecs of its
+key, which only that thread touches; ``state_dict`` first waits for the rounds in flight, so a checkpoint never
+sees a codec or the round counter mid-round. The result is therefore the same whatever the timing.
 
 Bytes: torch.distributed does not report them; ``Round.bytes_sent`` / ``bytes_received`` are those of the
 algorithm's wire pattern for this rank's payload: a bandwidth-optimal ring all-reduce (2(K-1)/K of it each way)
@@ -50,15 +68,15 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from locoswarm.comm.aggregate import build_aggregator, exchange_path, reject_nonfinite_sum
 from locoswarm.comm.base import Averager, Round
-from locoswarm.comm.exchange import LocalCodecs, allgather_bytes
-from locoswarm.config import Config
+from locoswarm.comm.exchange import LocalCodecs, allgather_bytes, merge_dropped
+from locoswarm.config import AggregatorConfig, Config
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +88,9 @@ def ring_bytes(world: int, payload_bytes: float) -> float:
 
 
 class TorchDistAverager(Averager):
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, aggregator: AggregatorConfig | None = None):
+        """cfg: the run's config; aggregator: how contributions are screened and combined (default
+        ``cfg.aggregator``; comm/aggregate.py), which with the codec decides the exchange path."""
         missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
             raise ValueError(
@@ -92,9 +112,13 @@ class TorchDistAverager(Averager):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
         self.backend = backend
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        # The sim backend's codec seeds, so random-k's indices and PowerSGD's first Q agree with it.
-        self.codecs = LocalCodecs(cfg.compression, cfg.seed)
-        self.round = 0  # average() calls so far: the round random-k's shared indices are drawn for
+        # The sim backend's codec seeds, so random-k's indices and PowerSGD's first Q agree with it; one set of
+        # codecs per stream of rounds (key); the sequence number of rounds started keys random-k's shared indices.
+        self.compression, self.seed = cfg.compression, cfg.seed
+        self.codecs: dict[str, LocalCodecs] = {}
+        self.round = 0
+        agg = aggregator if aggregator is not None else cfg.aggregator
+        self.aggregator, self.max_norm_ratio = build_aggregator(agg), agg.max_norm_ratio
         if not dist.is_initialized():
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.backend.dist_timeout))
         log.info("torch.distributed: rank %d of %d over %s", self.rank, self.world, backend)
@@ -106,8 +130,15 @@ class TorchDistAverager(Averager):
         root = Path(obj[0])
         return root if self.rank == 0 else root / f"rank-{self.rank}"
 
+    asynchronous = True  # rounds run on one background thread, in start order (the same order on every rank)
+
+    def _codecs_for(self, key: str) -> LocalCodecs:
+        if key not in self.codecs:
+            self.codecs[key] = LocalCodecs(self.compression, self.seed, key)
+        return self.codecs[key]
+
     @torch.no_grad()
-    def average(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor) -> Round:
+    def _round(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, ranks) -> Round:
         if weights.numel() != 1 or any(t.shape[0] != 1 for t in tensors):
             raise ValueError("backend=torch hosts exactly one worker per rank (got a stacked batch > 1)")
         weight = float(weights.to(torch.float64).sum())
@@ -116,45 +147,66 @@ class TorchDistAverager(Averager):
         t0 = time.perf_counter()
         rows = [t[0].to(self.device) for t in tensors]
         # A rank without weight encodes with a throwaway copy: its residuals and warm starts stay as they were.
-        codecs = self.codecs if weight > 0 else copy.deepcopy(self.codecs)
-        payloads = codecs.encode(rows, round_=self.round)
+        mine = self._codecs_for(key)
+        codecs = mine if weight > 0 else copy.deepcopy(mine)
+        number = self.round
         self.round += 1
+        unsent: dict[int, str] = {}
+        try:
+            payloads = codecs.encode(rows, round_=number)
+        except ValueError as e:  # e.g. a quantiser refuses NaN: this rank sends nothing this round (as on sim)
+            log.warning("round %d (%s): could not encode this rank's contribution: %s", number, key, e)
+            unsent[self.rank] = f"could not encode: {e}"
+            weight, codecs = 0.0, copy.deepcopy(mine)  # a valid payload of zeros keeps the collectives in step
+            payloads = codecs.encode([torch.zeros_like(r) for r in rows], round_=number)
         payload_bytes = float(sum(p.nbytes for p in payloads))
         raw_bytes = float(sum(r.numel() * 4 for r in rows))
-        if codecs.summable:
-            results, total, group = self._all_reduce(codecs, payloads, weight)
+        path = exchange_path(codecs.summable, codecs.reducible, self.aggregator)
+        if path == "allreduce":
+            results, total, members = self._all_reduce(codecs, payloads, weight)
+            # summed on the wire: only the sum can be screened (comm/aggregate.py)
+            results, dropped = reject_nonfinite_sum(results, members)
             sent = received = ring_bytes(self.world, payload_bytes)
-        elif codecs.reducible:
-            results, total, group, sent, received = self._reduce_scatter(codecs, payloads, weight)
+        elif path == "reduce_scatter":
+            results, total, members, sent, received, dropped = self._reduce_scatter(codecs, payloads, weight)
         else:
-            results, total, group = self._all_gather(codecs, rows, payloads, weight)
+            results, total, members, dropped = self._all_gather(codecs, rows, payloads, weight)
             sent = received = allgather_bytes(self.world, payload_bytes)
         return Round(
             tensors=[r.to(t.device, t.dtype) for r, t in zip(results, tensors, strict=True)],
-            group_size=group,
+            group_size=len(members),
             bytes_sent=sent,
             bytes_received=received,
             seconds=time.perf_counter() - t0,
             compression_ratio=payload_bytes / raw_bytes if raw_bytes else 1.0,
             payload_bytes=payload_bytes,
             total_weight=total,
-            allgather=not (codecs.summable or codecs.reducible),
+            allgather=path == "allgather",
+            key=key,
+            members=members,
+            rejected=dict(sorted({**dropped, **unsent}.items())),
         )
 
-    def _all_reduce(self, codecs: LocalCodecs, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
-        """Summable payloads: sum share x wire buffer over the ranks (in the wire dtype), decode the sum once."""
-        stats = torch.tensor([weight, float(weight > 0)], dtype=torch.float64, device=self.device)
+    def _all_reduce(self, codecs: LocalCodecs, payloads, weight: float) -> tuple[list[torch.Tensor], float, list[int]]:
+        """Summable payloads: sum share x wire buffer over the ranks (in the wire dtype), decode the sum once.
+        Returns (mean per tensor, total weight, the ranks with weight)."""
+        stats = torch.zeros(1 + self.world, dtype=torch.float64, device=self.device)
+        stats[0], stats[1 + self.rank] = weight, float(weight > 0)  # the total weight, then who has weight
         dist.all_reduce(stats)
-        total, group = float(stats[0]), round(float(stats[1]))
+        total = float(stats[0])
+        members = [r for r, flag in enumerate(stats[1:].tolist()) if flag > 0]
         _check_total(total)
         wire = codecs.wire_values(payloads).to(self.device)  # a copy (torch.cat): scaled in place
         wire.mul_(weight / total)
         dist.all_reduce(wire)
-        return codecs.decode_values(wire, payloads), total, group
+        return codecs.decode_values(wire, payloads), total, members
 
     def _reduce_scatter(self, codecs: LocalCodecs, payloads, weight: float):
-        """Reducible payloads: re-quantising reduce-scatter among the ranks with weight, then gather to all ranks.
-        Returns (mean per tensor, total weight, group size, bytes sent, bytes received)."""
+        """Reducible payloads: re-quantising reduce-scatter among the ranks with weight, then gather to all ranks;
+        each owner screens the pieces of its chunk, and the owners' reports are all-gathered (a small object
+        all-gather, not counted in the bytes) so every rank reports the same rejections as the sim.
+        Returns (mean per tensor, total weight, the ranks with weight, bytes sent, bytes received, rejected
+        rank -> reason)."""
         mine = torch.tensor([weight], dtype=torch.float64, device=self.device)
         everyone = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(everyone, mine)
@@ -168,6 +220,7 @@ class TorchDistAverager(Averager):
         owned = members.index(self.rank) if self.rank in members else None
         sent = received = 0
         reduced: list[bytes | None] = [None] * n
+        report: list[dict[int, str]] = []  # this owner's screening, per tensor: member index -> reason
         if owned is not None:
             pieces = codecs.split(payloads, n)
             if n == 1:
@@ -184,7 +237,9 @@ class TorchDistAverager(Averager):
                 sent += sum(sizes) - sizes[owned]
                 received += (n - 1) * sizes[owned]
                 blobs = [pieces[owned] if r == self.rank else _bytes(inbox[r]) for r in members]
-                reduced[owned] = codecs.reduce_owned(owned, n, blobs, [shares[r] for r in members], payloads)
+                reduced[owned], report = codecs.reduce_owned_screened(
+                    owned, n, blobs, [shares[r] for r in members], payloads, self.max_norm_ratio
+                )
         # stage 2: every member's reduced chunk to every other rank (members and ranks without weight alike)
         inbox = {j: _empty(sizes[j], self.device) for j, r in enumerate(members) if r != self.rank}
         ops = [dist.P2POp(dist.irecv, t, members[j]) for j, t in inbox.items()]
@@ -196,10 +251,20 @@ class TorchDistAverager(Averager):
         received += sum(sizes[j] for j in inbox)
         for j, t in inbox.items():
             reduced[j] = _bytes(t)
-        return codecs.assemble(reduced, payloads), total, n, float(sent), float(received)
+        dropped: dict[int, str] = {}
+        if n > 1:
+            reports: list = [None] * self.world
+            dist.all_gather_object(reports, report)
+            per_owner = [reports[r] for r in members]  # owner order = member order, as the sim's chunks
+            dropped = {members[j]: why for j, why in merge_dropped(per_owner).items()}
+        return codecs.assemble(reduced, payloads), total, members, float(sent), float(received), dropped
 
-    def _all_gather(self, codecs: LocalCodecs, rows, payloads, weight: float) -> tuple[list[torch.Tensor], float, int]:
-        """Other payloads: all-gather [weight | payload] from every rank, decode all, sum share x decode (sim's)."""
+    def _all_gather(
+        self, codecs: LocalCodecs, rows, payloads, weight: float
+    ) -> tuple[list[torch.Tensor], float, list[int], dict[int, str]]:
+        """Other payloads (and any codec under a robust aggregator): all-gather [weight | payload] from every rank,
+        decode all, screen and aggregate them in rank order (the sim's ``combine``). Returns (result per tensor,
+        total weight, the ranks with weight, rejected rank -> reason)."""
         size = codecs.packed_size(rows)
         blob = codecs.pack(payloads)
         if len(blob) != size:
@@ -215,19 +280,31 @@ class TorchDistAverager(Averager):
         _check_total(total)
         shares = (weights / weights.sum()).tolist()  # exactly the sim backend's shares, in rank (= worker) order
         # share 0 adds nothing, so leaving those payloads out changes no bit (and skips decoding them)
-        kept = [(row[_WEIGHT_BYTES:].numpy().tobytes(), s) for row, s in zip(gathered_cpu, shares, strict=True) if s]
-        blobs, kept_shares = zip(*kept, strict=True)
-        return codecs.decode_mean(blobs, kept_shares, payloads), total, len(kept)
+        members = [r for r in range(self.world) if shares[r] != 0.0]
+        blobs = [gathered_cpu[r, _WEIGHT_BYTES:].numpy().tobytes() for r in members]
+        result, dropped = codecs.decode_combine(
+            blobs, [shares[r] for r in members], payloads, self.aggregator, self.max_norm_ratio
+        )
+        return result, total, members, {members[j]: why for j, why in dropped.items()}
 
     def state_dict(self) -> dict:
         # Codecs carry state across rounds (error-feedback residuals, PowerSGD's warm start): a resume needs them.
-        return {"codecs": self.codecs.state_dict(), "round": self.round}
+        # Rounds in flight update them in the background thread: wait for those first.
+        self._idle()
+        return {"codecs": {k: c.state_dict() for k, c in self.codecs.items()}, "round": self.round}
+
+    def _idle(self) -> None:
+        """Wait until every round started so far has finished (the background thread runs them in order)."""
+        if self._executor is not None:
+            self._submit(_nothing).wait()
 
     def load_state_dict(self, state: dict) -> None:
-        self.codecs.load_state_dict(state["codecs"])
+        for k, c in state["codecs"].items():
+            self._codecs_for(k).load_state_dict(c)
         self.round = int(state["round"])
 
     def close(self) -> None:
+        super().close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -248,6 +325,10 @@ def _run_p2p(ops: list) -> None:
     if ops:
         for work in dist.batch_isend_irecv(ops):
             work.wait()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _check_total(total: float) -> None:

@@ -79,12 +79,13 @@ def make_codec(cfg, seed: int = 0) -> Codec:
     return codec
 
 
-def codec_factory(cfg, run_seed: int) -> Callable[[int], Codec]:
-    """``factory(tensor_index)`` builds one codec for that tensor, seeded alike on every worker and backend (so
-    random-k's indices and PowerSGD's first Q agree between the sim backend and real peers)."""
+def codec_factory(cfg, run_seed: int) -> Callable[[str, int], Codec]:
+    """``factory(key, tensor_index)`` builds one codec for that tensor of that stream of rounds (``key``: a
+    streaming fragment, a pipeline stage), seeded alike on every worker and backend (so random-k's indices and
+    PowerSGD's first Q agree between the sim backend and real peers, and differ between streams)."""
     from locoswarm.seeding import derive_seed
 
-    def factory(index: int) -> Codec:
-        return make_codec(cfg, seed=derive_seed(run_seed, "codec", index))
+    def factory(key: str, index: int) -> Codec:
+        return make_codec(cfg, seed=derive_seed(run_seed, "codec", key, index))
 
     return factory
