@@ -435,9 +435,16 @@ def test_a_closed_swarm_from_the_cli(tmp_path, swarms):
                     f"backend.allowed_peers={tmp_path / 'allowed.txt'}"])  # fmt: skip
     assert swarm.wait() == 0, "".join(swarm.lines[-60:])
     ids = made.stdout.split()
+    story = "".join(line for line in swarm.lines if "round 1" in line or "launched" in line or "WARNING" in line)
     for i in range(2):
         s = summary(out / f"peer-{i}")
         assert s["status"] == "ok" and s["outer_steps"] == 3, s
-        assert [r["group_size"] for r in sync_rows(out / f"peer-{i}")] == [2, 2, 2]
+        # The listed peers meet. Not "every round": under CI load one peer's first round once timed out ([0, 2, 2];
+        # a failed round applies a zero update and resyncs, see comm/hivemind.py), which says nothing of the
+        # allow-list; a swarm whose peers refused each other would show no group of 2 at all.
+        groups = [r["group_size"] for r in sync_rows(out / f"peer-{i}")]
+        assert groups.count(2) >= 2 and set(groups) <= {0, 2}, (groups, story)
+    a, b = anchor_and_params(out / "peer-0"), anchor_and_params(out / "peer-1")
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), story  # and end with one model
     addresses = [line for line in swarm.lines if "DHT address:" in line]
     assert any(ids[0] in line for line in addresses), addresses  # peer-0 runs under the key made for it
