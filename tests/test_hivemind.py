@@ -445,6 +445,6 @@ def test_a_closed_swarm_from_the_cli(tmp_path, swarms):
         groups = [r["group_size"] for r in sync_rows(out / f"peer-{i}")]
         assert groups.count(2) >= 2 and set(groups) <= {0, 2}, (groups, story)
     a, b = anchor_and_params(out / "peer-0"), anchor_and_params(out / "peer-1")
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)), story  # and end with one model
+    assert max_rel_diff(a, b) <= 1e-6, story  # and end with one model (the butterfly's rounding differs per half)
     addresses = [line for line in swarm.lines if "DHT address:" in line]
     assert any(ids[0] in line for line in addresses), addresses  # peer-0 runs under the key made for it
