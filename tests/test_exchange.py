@@ -117,6 +117,28 @@ def test_a_bad_chunk_is_refused_before_anything_is_accumulated():
         codecs.reduce_owned(0, 2, [chunks[0], bytes(bad)], [0.5, 0.5], payloads)
 
 
+def test_an_untrusted_owner_drops_a_malformed_slice_and_reports_its_sender():
+    """hivemind's owners (``drop_malformed``): a slice that does not parse leaves only its sender out of the chunk,
+    reported for every tensor; the others' shares are renormalised, so the chunk is exactly their reduction."""
+    peers = [LocalCodecs(cfg("int8"), run_seed=0) for _ in range(3)]
+    payloads = [c.encode([torch.randn(s, generator=torch.Generator().manual_seed(k)) for s in SHAPES])
+                for k, c in enumerate(peers)]  # fmt: skip
+    slices = [c.split(p, 3)[1] for c, p in zip(peers, payloads, strict=True)]
+    shares = [0.5, 0.3, 0.2]
+    bad = bytearray(slices[2])
+    bad[-4:] = bytes.fromhex("0000c07f")  # its last fp32 scale is NaN
+    for broken in (slices[2][:-1], bytes(bad)):
+        got, report = peers[1].reduce_owned_screened(1, 3, [slices[0], slices[1], broken], shares, payloads[1],
+                                                     drop_malformed=True)  # fmt: skip
+        want = peers[1].reduce_owned(1, 3, slices[:2], [0.5 / 0.8, 0.3 / 0.8], payloads[1])
+        assert got == want
+        assert len(report) == len(SHAPES) and all(set(r) == {2} for r in report), report
+        assert report[0][2].startswith("malformed slice: "), report
+    with pytest.raises(ValueError, match="expected"):  # the owner's own slice is never dropped: it made it
+        peers[1].reduce_owned_screened(1, 3, [slices[0], slices[1][:-1], slices[2]], shares, payloads[1],
+                                       drop_malformed=True)  # fmt: skip
+
+
 def test_a_bad_blob_is_refused_before_anything_is_accumulated():
     codecs = LocalCodecs(cfg("topk"), run_seed=0)
     x = [torch.randn(s) for s in SHAPES]

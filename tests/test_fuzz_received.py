@@ -719,9 +719,10 @@ def test_fuzzed_allgather_payloads_reject_their_sender():
 @pytest.mark.slow
 def test_fuzzed_reduce_scatter_slices_and_chunks_never_crash_the_round():
     """int8 with aggregator=mean (re-quantising reduce-scatter, two owners). A fuzzed stage-1 slice for our chunk
-    or a fuzzed stage-2 reduced chunk (+ screening report) that does not decode fails our round with a WARNING (a
-    zero update: a reduced chunk cannot be left out), never with an exception; one that decodes is used, and the
-    result is exactly what ``reduce_owned_screened`` / ``assemble`` make of the bytes we received."""
+    that does not decode rejects its sender from our chunk (a logged rejection, reported to the group); a fuzzed
+    stage-2 reduced chunk (+ screening report) that does not decode fails our round with a WARNING (a zero update: a
+    reduced chunk cannot be left out), never with an exception; whatever decodes is used, and the result is exactly
+    what ``reduce_owned_screened(drop_malformed=True)`` / ``assemble`` make of the bytes we received."""
     mine_c, theirs_c = _codecs("int8"), _codecs("int8")
     like0, like1 = mine_c.encode(_inputs(0)), theirs_c.encode(_inputs(1))
     slices0, slices1 = mine_c.split(like0, 2), theirs_c.split(like1, 2)
@@ -732,7 +733,8 @@ def test_fuzzed_reduce_scatter_slices_and_chunks_never_crash_the_round():
         """(mean, rejected) for the bytes the honest peer received, or None if its round must fail."""
         piece = sent if stage == "scatter" else slices1[0]
         try:
-            reduced0, report0 = mine_c.reduce_owned_screened(0, 2, [slices0[0], piece], SHARES, like0)
+            reduced0, report0 = mine_c.reduce_owned_screened(0, 2, [slices0[0], piece], SHARES, like0,
+                                                             drop_malformed=True)  # fmt: skip
             if stage == "reduced":
                 blob = sent[: limit + 1]  # the mailbox reads no further
                 reduced1, report1 = blob[:size1], _unpack_report(blob[size1:], 2, "owner 1")
@@ -773,6 +775,9 @@ def test_fuzzed_reduce_scatter_slices_and_chunks_never_crash_the_round():
                 assert mine["rejected"] == {j: why for j, why in rejected.items()}, (mine["rejected"], rejected)
                 assert _equal(mine["tensors"], mean), "the result is not what the received bytes give"
                 assert all(bool(torch.isfinite(torch.from_numpy(t)).all()) for t in mine["tensors"]), "non-finite"
+                if any(why.startswith("malformed slice") for why in rejected.values()):
+                    assert stage == "scatter" and any("rank 1's contribution rejected: malformed slice" in m
+                                                      for m in mine["log"]), mine["log"]  # fmt: skip
                 if stage == "reduced" and _expected_report(sent[size1 : limit + 1], 2) is None:
                     assert any("malformed screening report" in m for m in mine["log"]), mine["log"]
 

@@ -65,10 +65,16 @@ def reduce_chunk(
 ) -> tuple[Payload, dict[int, str]]:
     """An owner's work: sum_j shares[j] * decode(pieces[j]) in the order given, re-encoded with ``requantizer``,
     after screening the pieces (comm/aggregate.py). Returns (payload, dropped piece index -> reason)."""
-    if not pieces:
+    return reduce_decoded(requantizer, [requantizer.decode(piece) for piece in pieces], shares, max_norm_ratio)
+
+
+def reduce_decoded(
+    requantizer: Codec, decoded: Sequence[torch.Tensor], shares: Sequence[float], max_norm_ratio: float | None = None
+) -> tuple[Payload, dict[int, str]]:
+    """``reduce_chunk`` of pieces already decoded."""
+    if not decoded:
         raise ValueError("reduce_chunk needs at least one piece")
-    rows = [[requantizer.decode(piece)] for piece in pieces]
-    (mean,), dropped = combine(_MEAN, rows, shares, max_norm_ratio)
+    (mean,), dropped = combine(_MEAN, [[t] for t in decoded], shares, max_norm_ratio)
     return requantizer.encode(mean), dropped
 
 
@@ -176,18 +182,40 @@ class LocalCodecs:
         shares: Sequence[float],
         like: Sequence[Payload],
         max_norm_ratio: float | None = None,
+        drop_malformed: bool = False,
     ) -> tuple[bytes, list[dict[int, str]]]:
         """``reduce_owned``, screening each tensor's pieces (comm/aggregate.py) as the sim does. Returns (wire
         bytes, per tensor: dropped member index -> reason); ``merge_dropped`` combines the owners' reports in the
-        sim's order."""
-        per_peer = [self._pieces(blob, j, owners, like) for blob in blobs]
-        codecs = self.codecs(len(like))
+        sim's order.
+
+        ``drop_malformed`` (untrusted groupmates, backend=hivemind): a blob that does not parse drops its sender
+        from this chunk, reported like a screened piece (every member learns it from this owner's report), and the
+        others' shares are renormalised as ``combine`` does for a screened row; else it raises ``ValueError``.
+        The owner's own blob must parse: it made it."""
+        requantizers = [c.requantizer() for c in self.codecs(len(like))]
+        per_peer: dict[int, list[torch.Tensor]] = {}  # member -> its decoded piece of every tensor
+        malformed: dict[int, str] = {}
+        for m, blob in enumerate(blobs):
+            try:
+                pieces = self._pieces(blob, j, owners, like)
+                per_peer[m] = [q.decode(p) for q, p in zip(requantizers, pieces, strict=True)]
+            except ValueError as e:
+                if not drop_malformed or m == j:
+                    raise
+                malformed[m] = f"malformed slice: {e}"
+        kept = sorted(per_peer)
+        total = sum(shares[m] for m in kept)
+        if not malformed:
+            kept_shares = [shares[m] for m in kept]  # exactly the sim's arithmetic: no renormalisation
+        elif not total > 0:
+            raise ValueError(f"chunk {j}: no well-formed slice with a positive share ({malformed})")
+        else:
+            kept_shares = [shares[m] / total for m in kept]
         parts, dropped = [], []
-        for i in range(len(like)):
-            payload, why = reduce_chunk(codecs[i].requantizer(), [pieces[i] for pieces in per_peer], shares,
-                                        max_norm_ratio)  # fmt: skip
+        for i, q in enumerate(requantizers):
+            payload, why = reduce_decoded(q, [per_peer[m][i] for m in kept], kept_shares, max_norm_ratio)
             parts.append(payload.to_bytes())
-            dropped.append(why)
+            dropped.append({**{kept[k]: reason for k, reason in why.items()}, **malformed})
         return b"".join(parts), dropped
 
     def assemble(self, reduced: Sequence[bytes], like: Sequence[Payload]) -> list[torch.Tensor]:

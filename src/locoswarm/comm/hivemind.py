@@ -1020,7 +1020,7 @@ class HivemindAverager(Averager):
                 got[me] = pieces[j]
                 blobs = [got[p] for p in owners]
                 reduced[me], reports[me] = codecs.reduce_owned_screened(
-                    j, n, blobs, [shares[p] for p in owners], payloads, self.max_norm_ratio
+                    j, n, blobs, [shares[p] for p in owners], payloads, self.max_norm_ratio, drop_malformed=True
                 )
                 sent += sum(sizes) - sizes[j]
             to_send = {p: reduced[me] + _pack_report(reports.get(me, [])) for p in order if p != me}
