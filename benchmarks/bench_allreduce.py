@@ -143,24 +143,43 @@ def worker(args: argparse.Namespace) -> None:
     raw.shutdown()
     dht.shutdown()
 
-    # locoswarm's averager (the backend=hivemind round: matchmaking key per round, agreement check, copies).
+    # locoswarm's averager (the backend=hivemind round: matchmaking key per round, agreement check, copies), with
+    # hivemind's butterfly and with our reduce-scatter over hivemind's P2P (backend.allreduce=mailbox). Its log
+    # line splits each round into matchmaking and exchange: kept to show where the time goes.
+    import re
+
     from locoswarm.comm.hivemind import HivemindAverager
     from locoswarm.config import BackendConfig
 
-    maddrs: list = [None]
-    cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id="benchls")
-    if rank == 0:
-        ours = HivemindAverager(cfg, workers=world, rank=rank)
-        maddrs = [ours.maddrs]
-    dist.broadcast_object_list(maddrs, src=0)
-    if rank != 0:
-        cfg.initial_peers = maddrs[0]
-        ours = HivemindAverager(cfg, workers=world, rank=rank)
+    phases: list[tuple[float, float]] = []
+
+    class Phases(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            m = re.search(r"matchmaking ([\d.]+)s, all-reduce ([\d.]+)s", record.getMessage())
+            if m:
+                phases.append((float(m[1]), float(m[2])))
+
+    logging.getLogger("locoswarm.comm.hivemind").addHandler(Phases())
     weight = torch.ones(1)
     stacked = [data.clone().unsqueeze(0)]
     groups: list[int] = []
-    timed("locoswarm hivemind averager", lambda: groups.append(ours.average(stacked, weight).group_size))
-    ours.close()
+    for allreduce in ("butterfly", "mailbox"):
+        maddrs: list = [None]
+        cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id=f"benchls{allreduce}")
+        cfg.allreduce = allreduce
+        if rank == 0:
+            ours = HivemindAverager(cfg, workers=world, rank=rank)
+            maddrs = [ours.maddrs]
+        dist.broadcast_object_list(maddrs, src=0)
+        if rank != 0:
+            cfg.initial_peers = maddrs[0]
+            ours = HivemindAverager(cfg, workers=world, rank=rank)
+        phases.clear()
+        name = f"locoswarm hivemind {allreduce}"
+        timed(name, lambda ours=ours: groups.append(ours.average(stacked, weight).group_size))
+        ours.close()
+        results[f"_exchange {name}"] = [exchange for _, exchange in phases]
+        results[f"_matchmaking {name}"] = [matchmaking for matchmaking, _ in phases]
     results["_groups"] = [float(g) for g in groups]
     Path(args.out).write_text(json.dumps(results))
     dist.barrier()
@@ -229,11 +248,16 @@ def main() -> None:
                 res = run(n, args.mb, args.logs or Path(d))
                 bound = 2 * (n - 1) / n * size * 8 / (RATE_MBIT * 1e6)
                 for name, times in res.items():
-                    if name.startswith("_"):
+                    if name.startswith("_") and not name.startswith("_exchange"):
                         continue
+                    if name.startswith("_exchange"):  # the slowest peer's exchange alone (matchmaking excluded)
+                        name = "  exchange only" + name[len("_exchange locoswarm hivemind") :]
                     print(
                         f"{n:>5}  {name:<32} {bound:>8.2f} {times[0]:>10.2f} {times[1]:>10.2f} {bound / times[1]:>14.2f}"
                     )
+                    if name.startswith("locoswarm"):
+                        mm = res[f"_matchmaking {name}"]
+                        print(f"{n:>5}    (matchmaking, slowest peer: {mm[0]:.2f} s, {mm[1]:.2f} s)")
                 print(f"{n:>5}  (locoswarm group sizes: {[int(g) for g in res['_groups']]})")
     finally:
         cleanup_all()

@@ -15,7 +15,7 @@ from locoswarm.netsim import NetworkModel
 SHAPES = [(32, 24), (24,), (500,)]
 WEIGHTS = [1.0, 3.0, 2.0]
 SUMMABLE = {"none", "fp16", "bf16", "randomk"}
-REDUCIBLE = {"int8", "int4"}
+REDUCIBLE = {"none", "int8", "int4"}  # none: blocks of one entry (backend.allreduce=mailbox on hivemind)
 
 
 def cfg(name: str) -> CompressionConfig:

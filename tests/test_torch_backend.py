@@ -217,7 +217,8 @@ def test_torchrun_codecs_match_sim(tmp_path, codec):
     ratio = payload / sum(4 * a.numel() for a in anchor)
     per_round = ring_bytes(k, payload) if codec_.summable or codec_.reducible else allgather_bytes(k, payload)
     per_rank = [per_round] * k
-    if codec_.reducible:  # rank r sends the others their slices and its reduced chunk to k-1 ranks: 2(k-1)/k mean
+    if not codec_.summable and codec_.reducible:  # reduce-scatter: rank r sends the others their slices and its
+        # reduced chunk to k-1 ranks: 2(k-1)/k mean
         sizes = LocalCodecs(cfg.compression, cfg.seed).chunk_sizes(LocalCodecs(cfg.compression, 0).encode(anchor), k)
         assert sum(sizes) == payload
         per_rank = [payload - sizes[r] + (k - 1) * sizes[r] for r in range(k)]

@@ -85,6 +85,11 @@ class Execution(StrEnum):
     auto = "auto"
 
 
+class AllReduce(StrEnum):
+    butterfly = "butterfly"
+    mailbox = "mailbox"
+
+
 class Topology(StrEnum):
     ring = "ring"
     butterfly = "butterfly"
@@ -335,6 +340,11 @@ class BackendConfig:
     join_timeout: float | None = None
     """hivemind: how long a joining peer waits to download the swarm's state; null = derived from the round
     period the swarm advertises."""
+    allreduce: AllReduce = AllReduce.butterfly
+    """hivemind: how an uncompressed (fp32) round is averaged once matchmaking has formed the group: butterfly
+    (hivemind's DecentralizedAverager all-reduce) or mailbox (locoswarm's reduce-scatter over hivemind's P2P,
+    comm/hivemind_gather.py: the sim's arithmetic bit for bit, and closer to link rate, see
+    benchmarks/bench_allreduce.py). With mailbox a non-finite contribution is dropped per chunk, as for int8."""
     # --- backend=torch (torch.distributed under torchrun) ---
     dist_backend: str = "auto"
     """torch: process-group backend: auto (nccl when training on CUDA, else gloo), gloo or nccl."""

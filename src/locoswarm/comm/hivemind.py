@@ -649,7 +649,10 @@ class HivemindAverager(Averager):
         # every member needs every row to verify it: all-gathered, whatever the codec and the aggregator
         path = "allgather" if self.verify else exchange_path(codecs.summable, codecs.reducible, self.aggregator)
         try:
-            if path == "allreduce" and codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
+            if path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
+                mode = "reduce"  # fp32: reduce-scatter over our mailbox (comm/exchange.py), not the butterfly
+                averager = self._averager_for(key, [torch.zeros(1)], NoCompression())
+            elif path == "allreduce" and codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
                 mode = "butterfly"
                 wire = codecs.wire_values(payloads)
                 averager = self._averager_for(key, [wire.to(torch.float32)], BUTTERFLY_WIRE[wire.dtype])

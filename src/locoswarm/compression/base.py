@@ -165,6 +165,24 @@ class NoCompression(Codec):
     name = "none"
     lossless = True
     summable = True
+    # Also reducible, with blocks of one entry: summable wins where the sum can go on the wire (comm/aggregate.py),
+    # but backend=hivemind with backend.allreduce=mailbox averages fp32 by locoswarm's reduce-scatter instead of
+    # hivemind's butterfly; re-encoding a chunk's mean is the identity, so that is the sim's arithmetic exactly.
+    reducible = True
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return numel(shape)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        return lo, hi
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        if not 0 <= lo <= hi <= numel(payload.shape):
+            raise ValueError(f"none: entries [{lo}, {hi}) are outside the payload's {numel(payload.shape)}")
+        return Payload({"values": payload.buffers["values"][lo:hi]}, (hi - lo,), payload.dtype)
+
+    def requantizer(self) -> Codec:
+        return self  # stateless
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         return Payload({"values": tensor.detach().reshape(-1)}, tuple(tensor.shape), tensor.dtype)
