@@ -343,8 +343,9 @@ class BackendConfig:
     allreduce: AllReduce = AllReduce.butterfly
     """hivemind: how an uncompressed (fp32) round is averaged once matchmaking has formed the group: butterfly
     (hivemind's DecentralizedAverager all-reduce) or mailbox (locoswarm's reduce-scatter over hivemind's P2P,
-    comm/hivemind_gather.py: the sim's arithmetic bit for bit, and closer to link rate, see
-    benchmarks/bench_allreduce.py). With mailbox a non-finite contribution is dropped per chunk, as for int8."""
+    comm/hivemind_gather.py, as int8 is averaged: the sim's arithmetic bit for bit). Measured slower than the
+    butterfly on 100 Mbit/s links (benchmarks/bench_allreduce.py); kept to compare the two exchanges. With mailbox
+    a non-finite contribution is dropped per chunk, as for int8."""
     # --- backend=torch (torch.distributed under torchrun) ---
     dist_backend: str = "auto"
     """torch: process-group backend: auto (nccl when training on CUDA, else gloo), gloo or nccl."""
