@@ -20,7 +20,24 @@ from omegaconf import DictConfig, OmegaConf
 from locoswarm.config import Config, config_hash, validate
 from locoswarm.sweep import finished_summary, in_multirun, record_failure
 
-CONF_DIR = os.environ.get("LOCOSWARM_CONF") or str(Path(__file__).resolve().parents[3] / "conf")
+
+
+def find_conf_dir() -> str:
+    """Hydra's config directory: ``$LOCOSWARM_CONF``, else the checkout's ``conf/`` (a source or editable install),
+    else the copy a wheel installs under ``<prefix>/share/locoswarm/conf`` (pyproject's data-files)."""
+    if os.environ.get("LOCOSWARM_CONF"):
+        return os.environ["LOCOSWARM_CONF"]
+    candidates = [Path(__file__).resolve().parents[3] / "conf", Path(sys.prefix) / "share" / "locoswarm" / "conf"]
+    for path in candidates:
+        if (path / "config.yaml").is_file():
+            return str(path)
+    raise FileNotFoundError(
+        "locoswarm: no config directory (conf/config.yaml) in " + " or ".join(map(str, candidates))
+        + "; set LOCOSWARM_CONF to the conf/ folder of a locoswarm checkout"
+    )  # fmt: skip
+
+
+CONF_DIR = find_conf_dir()
 
 ConfigStore.instance().store(name="base_config", node=Config)
 log = logging.getLogger("locoswarm")
