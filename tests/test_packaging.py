@@ -3,6 +3,7 @@ scripts and experiments/ run without a checkout's source tree (locoswarm.cli.tra
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,8 +29,12 @@ def test_every_config_file_is_listed_in_the_wheels_data_files():
 
 @pytest.mark.slow
 def test_the_wheel_carries_conf_and_finds_it_without_a_checkout(tmp_path):
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    source.mkdir()
+    for part in ("pyproject.toml", "README.md", "src", "conf"):
+        (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, source / part)
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)  # fmt: skip
+                            str(tmp_path), str(source)], capture_output=True, text=True, timeout=300)  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("locoswarm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())

@@ -21,7 +21,6 @@ from locoswarm.config import Config, config_hash, validate
 from locoswarm.sweep import finished_summary, in_multirun, record_failure
 
 
-
 def find_conf_dir() -> str:
     """Hydra's config directory: ``$LOCOSWARM_CONF``, else the checkout's ``conf/`` (a source or editable install),
     else the copy a wheel installs under ``<prefix>/share/locoswarm/conf`` (pyproject's data-files)."""
