@@ -720,9 +720,10 @@ def test_fuzzed_allgather_payloads_reject_their_sender():
 def test_fuzzed_reduce_scatter_slices_and_chunks_never_crash_the_round():
     """int8 with aggregator=mean (re-quantising reduce-scatter, two owners). A fuzzed stage-1 slice for our chunk
     that does not decode rejects its sender from our chunk (a logged rejection, reported to the group); a fuzzed
-    stage-2 reduced chunk (+ screening report) that does not decode fails our round with a WARNING (a zero update: a
-    reduced chunk cannot be left out), never with an exception; whatever decodes is used, and the result is exactly
-    what ``reduce_owned_screened(drop_malformed=True)`` / ``assemble`` make of the bytes we received."""
+    stage-2 reduced chunk (+ screening report) that does not decode fails our round (a zero update: a reduced chunk
+    cannot be left out) with a logged rejection of its owner, never with an exception; whatever decodes is used, and
+    the result is exactly what ``reduce_owned_screened(drop_malformed=True)`` / ``assemble`` make of the bytes we
+    received."""
     mine_c, theirs_c = _codecs("int8"), _codecs("int8")
     like0, like1 = mine_c.encode(_inputs(0)), theirs_c.encode(_inputs(1))
     slices0, slices1 = mine_c.split(like0, 2), theirs_c.split(like1, 2)
@@ -765,10 +766,13 @@ def test_fuzzed_reduce_scatter_slices_and_chunks_never_crash_the_round():
             sent = theirs["sent"].get(stage)
             assert sent is not None, theirs  # the fuzzing peer reached the stage
             want = expected(stage, sent)
-            if want is None:
-                assert mine["group"] == 0 and mine["rejected"] == {}, mine
+            if want is None:  # only a reduced chunk can fail the round: it blames its owner (rank 1)
+                assert stage == "reduced" and mine["group"] == 0, mine
+                assert list(mine["rejected"]) == [1], mine
+                assert mine["rejected"][1].startswith("malformed reduced chunk: "), mine
                 assert all(not t.any() for t in mine["tensors"]), "a failed round must apply a zero update"
                 assert any("failed (reduce of the payloads" in m for m in mine["log"]), mine["log"]
+                assert any("rank 1's contribution rejected: malformed reduced chunk" in m for m in mine["log"])
             else:
                 mean, rejected = want
                 assert mine["group"] == 2, mine

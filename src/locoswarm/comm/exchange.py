@@ -44,6 +44,14 @@ from locoswarm.compression.error_feedback import ErrorFeedback
 _MEAN = WeightedMean()
 
 
+class BadChunk(ValueError):
+    """A reduced chunk that cannot be used (``LocalCodecs.assemble``); ``owner``: the index of the member that sent it."""
+
+    def __init__(self, owner: int, why: str):
+        super().__init__(why)
+        self.owner = owner
+
+
 def allgather_bytes(group: int, payload_bytes: float) -> float:
     """Bytes one peer sends (and receives) to all-gather a payload of ``payload_bytes`` in a group of ``group``."""
     return max(0, group - 1) * float(payload_bytes)
@@ -221,18 +229,34 @@ class LocalCodecs:
     def assemble(self, reduced: Sequence[bytes], like: Sequence[Payload]) -> list[torch.Tensor]:
         """Every owner's reduced chunk (in rank order) -> the group mean of every tensor. A chunk that is malformed,
         or that decodes to inf or NaN (finite scales whose products overflow: an owner re-encodes a screened, finite
-        mean, so it never sends one), raises ``ValueError`` naming its owner: nobody screens the reduced chunks."""
+        mean, so it never sends one), raises ``BadChunk`` (a ``ValueError``) naming its owner: nobody screens the
+        reduced chunks."""
         owners = len(reduced)
-        per_owner = [self._pieces(blob, j, owners, like) for j, blob in enumerate(reduced)]
+        per_owner = []
+        for j, blob in enumerate(reduced):
+            try:
+                per_owner.append(self._pieces(blob, j, owners, like))
+            except ValueError as e:
+                raise BadChunk(j, str(e)) from e
         codecs = self.codecs(len(like))
-        out = [assemble_chunks(codecs[i], p, [pieces[i] for pieces in per_owner]) for i, p in enumerate(like)]
+        out = []
+        for i, p in enumerate(like):
+            try:
+                out.append(assemble_chunks(codecs[i], p, [pieces[i] for pieces in per_owner]))
+            except ValueError as e:  # a piece the codec's decode refuses (e.g. a NaN scale): find its owner
+                for j, pieces in enumerate(per_owner):
+                    try:
+                        codecs[i].requantizer().decode(pieces[i])
+                    except ValueError:
+                        raise BadChunk(j, f"owner {j}'s reduced chunk of tensor {i}: {e}") from e
+                raise
         for i, (codec, p, t) in enumerate(zip(codecs, like, out, strict=True)):
             bad = (~torch.isfinite(t.reshape(-1))).nonzero()
             if bad.numel():
                 first = int(bad[0])
                 blocks = owner_blocks(codec.block_count(p.shape), owners)
                 j = next(j for j, (lo, hi) in enumerate(blocks) if first < codec.block_entries(p.shape, lo, hi)[1])
-                raise ValueError(f"owner {j}'s reduced chunk of tensor {i} decodes to non-finite values")
+                raise BadChunk(j, f"owner {j}'s reduced chunk of tensor {i} decodes to non-finite values")
         return out
 
     # ------------------------------------------------------------------ other codecs: all-gather whole payloads

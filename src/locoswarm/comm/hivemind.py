@@ -153,7 +153,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from locoswarm.comm.aggregate import WeightedMean, build_aggregator, combine, exchange_path, reject_nonfinite_sum
 from locoswarm.comm.base import DEFAULT_KEY, Averager, Evidence, Handle, Round, commitment
-from locoswarm.comm.exchange import LocalCodecs, allgather_bytes, merge_dropped, residuals
+from locoswarm.comm.exchange import BadChunk, LocalCodecs, allgather_bytes, merge_dropped, residuals
 from locoswarm.comm.hivemind_gather import GatherFailed, PayloadMailbox
 from locoswarm.comm.identity import AllowedPeersValidator, fresh_identity, read_allowed_peers, writer
 from locoswarm.comm.identity import forget as forget_identity
@@ -232,7 +232,12 @@ def _unpack_report(blob: bytes, owners: int, sender: Any) -> list[dict[int, str]
 
 
 class RoundFailed(Exception):
-    """An averaging round that did not complete within its deadline, or whose all-reduce raised."""
+    """An averaging round that did not complete within its deadline, or whose all-reduce raised. ``rejected``:
+    the groupmates (rank -> reason) whose bad input failed it, reported in the failed round."""
+
+    def __init__(self, message: str, rejected: dict[int, str] | None = None):
+        super().__init__(message)
+        self.rejected = dict(rejected or {})
 
 
 class RoundClock:
@@ -692,7 +697,9 @@ class HivemindAverager(Averager):
             )
         except RoundFailed as e:
             self.clock.missed()
-            rejected = {}
+            rejected = e.rejected
+            for rank, why in sorted(rejected.items()):
+                log.warning("round %d: rank %d's contribution rejected: %s", number, rank, why)
             if self._others():
                 # Others are alive: apply a zero update (every peer that missed this round moves its state the
                 # same way, so they stay equal to each other) and take the swarm's state at the boundary. Nothing
@@ -1031,7 +1038,11 @@ class HivemindAverager(Averager):
         for p, blob in self._mailbox.send_and_receive(number, redo, "reduced", to_send, owners, give_up).items():
             size = sizes[owners.index(p)]
             reduced[p], reports[p] = blob[:size], _unpack_report(blob[size:], n, p)
-        mean = codecs.assemble([reduced[p] for p in owners], payloads)
+        try:
+            mean = codecs.assemble([reduced[p] for p in owners], payloads)
+        except BadChunk as e:  # without that owner's chunk there is no mean: the round fails, blaming its sender
+            rank = int(group[owners[e.owner]]["rank"])
+            raise RoundFailed(f"reduce of the payloads: {e}", {rank: f"malformed reduced chunk: {e}"}) from e
         dropped = merge_dropped([reports.get(p, []) for p in owners]) if n > 1 else {}
         return mean, sent, {int(group[owners[j]]["rank"]): why for j, why in dropped.items()}
 
