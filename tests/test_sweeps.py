@@ -67,7 +67,11 @@ def test_experiment_composes_and_every_grid_point_validates(name: str) -> None:
                 for part in key.split("."):
                     obj = getattr(obj, part)
                 got = getattr(obj, "name", obj)
-                assert str(getattr(got, "value", got)) == value or float(got) == float(value), (override, got)
+                got = getattr(got, "value", got)
+                if isinstance(got, bool):
+                    assert str(got).lower() == value, (override, got)
+                else:
+                    assert str(got) == value or float(got) == float(value), (override, got)
     assert len(names) == len(points), f"{name}: run names collide across the grid: {sorted(names)}"
 
 
