@@ -140,23 +140,48 @@ def test_failed_peers_still_tear_down(tmp_path):
 
 @pytest.mark.network
 @pytest.mark.slow
+def test_a_swarm_past_its_timeout_is_still_reported(tmp_path):
+    """--timeout stops the swarm, and what its peers did is still written to netem.json (with the error), so a
+    run that hung can be understood afterwards; the testbed is torn down."""
+    before = set(netem.list_run_namespaces())
+    p = subprocess.run([*CLI, "--peers", "2", "--out", str(tmp_path), "--timeout", "25", *SWARM,
+                        "train.max_steps=100000"], env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 2 and "did not finish within 25s" in p.stderr, p.stderr
+    result = json.loads((tmp_path / "netem.json").read_text())
+    assert "did not finish within 25s" in result["error"]
+    assert len(result["peers"]) == 2 and all(q["returncode"] != 0 for q in result["peers"])
+    assert not _new_namespaces(before)
+
+
+def _validate(out: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, dict, str]:
+    """Run ``locoswarm-netem --validate`` on 4 peers; returns the process, its netem.json and, for assertion
+    messages, its stderr with the tail of every peer's log (what a failure in CI needs to be understood)."""
+    p = subprocess.run([*CLI, "--peers", "4", "--out", str(out), "--validate", "--timeout", "300", *overrides],
+                       env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
+    print(p.stdout)
+    logs = "".join(f"\n--- {q}:\n" + "".join(q.read_text(errors="replace").splitlines(True)[-25:])
+                   for q in sorted(out.glob("peer-*/peer.log")))  # fmt: skip
+    why = p.stderr[-3000:] + logs
+    assert (out / "netem.json").exists(), why
+    result = json.loads((out / "netem.json").read_text())
+    assert result["error"] is None and all(q["status"] == "ok" for q in result["peers"]), why
+    return p, result, why
+
+
+@pytest.mark.network
+@pytest.mark.slow
 def test_sim_predicts_the_testbed(tmp_path):
     """The issue's validation: the same 4-peer DiLoCo config, real hivemind peers on 10 Mbit/s shaped links vs
     the sim backend's NetworkModel (network=testbed): round time within 20%, on-wire bytes within 10%."""
     before = set(netem.list_run_namespaces())
     # the README's command: conf/experiment/netem_validation.yaml is the SWARM config above, named
-    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--validate", "--timeout", "300",
-                        "experiment=netem_validation"],
-                       env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
-    result = json.loads((tmp_path / "netem.json").read_text())
-    print(p.stdout, p.stderr[-3000:])
-    assert all(q["status"] == "ok" for q in result["peers"]), p.stderr[-3000:]
+    p, result, why = _validate(tmp_path, "experiment=netem_validation")
     assert all(len(q["round_seconds"]) == 3 for q in result["peers"])  # rounds 2-4 of 5 measured on every peer
     c = result["comparison"]
     assert abs(c["bytes_error"]) <= 0.10, c
     # network=testbed prices hivemind's butterfly at the efficiency bench_allreduce.py measured (0.72 of the bound)
     assert abs(c["round_time_error"]) <= 0.20, c
-    assert p.returncode == 0, p.stderr[-3000:]  # --validate's own 20% / 10% verdict
+    assert p.returncode == 0, why  # --validate's own 20% / 10% verdict
     assert not _new_namespaces(before)
 
 
@@ -172,12 +197,7 @@ def test_sim_predicts_the_testbed_with_overlap(tmp_path):
     the step time the peers measured, to the per-round bytes, and to the schedule itself (the same sync rows)."""
     before = set(netem.list_run_namespaces())
     # the command conf/experiment/netem_overlap.yaml names for its streaming run
-    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--validate", "--timeout", "300",
-                        "experiment=netem_overlap", *STREAMING],
-                       env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
-    print(p.stdout, p.stderr[-3000:])
-    result = json.loads((tmp_path / "netem.json").read_text())
-    assert all(q["status"] == "ok" for q in result["peers"]), p.stderr[-3000:]
+    p, result, why = _validate(tmp_path, "experiment=netem_overlap", *STREAMING)
     c, pr = result["comparison"], result["predicted"]
     assert pr["overlapped"] and not c["round_time_judged"]
     # the same schedule on both: a sync row at the warm-up step, at every fragment merge, and at the end
@@ -189,7 +209,7 @@ def test_sim_predicts_the_testbed_with_overlap(tmp_path):
     # only be optimistic: one-sided, down to --validate's limit for overlapped runs (45%).
     assert -netem.LOOP_TOLERANCE_OVERLAPPED <= c["loop_time_error"] <= 0.10, c
     assert c["loop_time_limit"] == netem.LOOP_TOLERANCE_OVERLAPPED
-    assert p.returncode == 0, p.stderr[-3000:]  # --validate's own verdict
+    assert p.returncode == 0, why  # --validate's own verdict
     assert not _new_namespaces(before)
 
 

@@ -324,6 +324,7 @@ def run_testbed(args, overrides: list[str]) -> dict:
               "shaping only", file=sys.stderr)  # fmt: skip
     bed = Testbed(model.links)
     swarm = SwarmRun(bed, args.out, overrides)
+    error = None
 
     def on_signal(signum, _frame):
         swarm.stop = True
@@ -333,7 +334,10 @@ def run_testbed(args, overrides: list[str]) -> dict:
         bed.up()
         before = bed.counters()
         t0 = time.monotonic()
-        codes = swarm.run(args.timeout)
+        try:
+            swarm.run(args.timeout)
+        except NetemError as e:  # a swarm that overran --timeout: what its peers wrote is still reported
+            error = str(e)
         wall = time.monotonic() - t0
         after = bed.counters()
     finally:
@@ -341,6 +345,7 @@ def run_testbed(args, overrides: list[str]) -> dict:
         bed.down()
         for s, h in previous.items():
             signal.signal(s, h)
+    codes = [p.returncode for p in swarm.procs]  # a peer stopped by terminate() has its signal's code
     peers = []
     for i, code in enumerate(codes):
         summary_path = swarm.peer_dir(i) / "summary.json"
@@ -375,13 +380,16 @@ def run_testbed(args, overrides: list[str]) -> dict:
         "overrides": overrides,
         "wall_seconds": wall,
         "peers": peers,
-        "round_seconds": statistics.median(intervals) if intervals else None,
+        # the mean, not the median: a testbed round takes 14-19 s by how the butterfly happens to split the work
+        # (one run: 14.8, 18.8, 14.8 s), and a median of three rounds is one of them, not the typical round
+        "round_seconds": statistics.mean(intervals) if intervals else None,
         "round_tx_bytes": statistics.median(round_tx) if round_tx else None,
         "loop_seconds": statistics.median(loops) if loops else None,
         "step_seconds": statistics.mean(steps) if steps else None,
         "tx_bytes_per_peer": statistics.mean(p["tx_bytes"] for p in peers),
         "latency_emulated": False,
         "reruns": reruns,
+        "error": error,
     }
 
 
@@ -471,7 +479,8 @@ LOOP_TOLERANCE_OVERLAPPED = 0.45
 
 
 def compare(measured: dict, predicted: dict) -> dict:
-    """Relative errors of the prediction, per round (medians over peers and rounds) and over the whole run.
+    """Relative errors of the prediction, per round (time: the mean over peers and rounds; bytes: the median) and
+    over the whole run.
 
     The verdict: bytes per round within 10% and the loop's wall time within LOOP_TOLERANCE (overlapped runs:
     LOOP_TOLERANCE_OVERLAPPED, see there) always; the round time within 20% only where a round is a fixed unit.
@@ -541,12 +550,17 @@ def main(argv: list[str] | None = None) -> int:
     except (NetemError, ValueError) as e:
         print(f"locoswarm-netem: error: {e}", file=sys.stderr)
         return 2
+    if result["error"]:
+        (args.out / "netem.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"locoswarm-netem: error: {result['error']}; what the peers did is in {args.out}/netem.json",
+              file=sys.stderr)  # fmt: skip
+        return 2
     bad = [i for i, q in enumerate(result["peers"]) if q["returncode"] != 0 or q["status"] != "ok"]
     code = 1 if bad else 0
     if bad:
         print(f"locoswarm-netem: peers {bad} did not finish ok; see {args.out}/peer-*/peer.log", file=sys.stderr)
     print(f"locoswarm-netem: {args.peers} peers, wall {result['wall_seconds']:.1f}s, round "
-          f"{result['round_seconds'] or float('nan'):.2f}s (median), {result['tx_bytes_per_peer'] / 1e6:.2f} MB "
+          f"{result['round_seconds'] or float('nan'):.2f}s (mean), {result['tx_bytes_per_peer'] / 1e6:.2f} MB "
           "sent per peer on the wire")  # fmt: skip
     if args.validate and not bad:
         rounds = len(result["peers"][0]["round_seconds"])
