@@ -1,7 +1,7 @@
 """Quality vs bytes: one tiny-model DiLoCo run per codec (sim backend, same seed and data), final val loss
 against the bytes each worker sent, as a markdown table. Bytes are what a real backend sends: summable codecs'
-payloads are all-reduced (2(K-1)/K payloads each way), blockwise quantisers' reduce-scattered and re-quantised
-(as much), the others all-gathered (K-1 payloads; comm/exchange.py).
+payloads are all-reduced (2(K-1)/K payloads each way), blockwise codecs' (int8, int4, sign, blocktopk)
+reduce-scattered and re-encoded (as much), the others all-gathered (K-1 payloads; comm/exchange.py).
 
     python benchmarks/bench_codec_quality.py [--steps 300] [--workers 4] [--out runs/codec_quality] [--only int8,topk]
 
@@ -28,6 +28,8 @@ CODECS = [
     ("sign", {"error_feedback": True}),
     ("topk", {"ratio": 0.1}),
     ("topk", {"ratio": 0.1, "error_feedback": True}),
+    ("blocktopk", {"ratio": 0.1, "block_size": 1024}),
+    ("blocktopk", {"ratio": 0.1, "block_size": 1024, "error_feedback": True}),
     ("randomk", {"ratio": 0.1, "error_feedback": True}),
     ("powersgd", {"rank": 4, "error_feedback": True}),
 ]

@@ -1,4 +1,4 @@
-"""Compute utilisation of ddp and diloco (H=50, H=500), with and without int8, from 10 Gbit/s down to 10 Mbit/s.
+"""Compute utilisation of ddp and diloco (H=50, H=500), with and without compression, from 10 Gbit/s to 10 Mbit/s.
 
 The model is the ``150m`` preset (conf/model/150m.yaml) with the GPT-2 vocabulary (50257), priced with the
 measured H100 step time of the issue: GPT-2 124M takes 35 ms per 16x1024-token step. The 150m preset trains on
@@ -10,7 +10,8 @@ Every cell is ``locoswarm.netsim.utilisation``: the same NetworkModel the sim ba
 workers with uniform links, each round = H steps of compute then one all-reduce of the pseudo-gradient (ddp:
 one step and a gradient all-reduce). Payloads come from the codecs themselves (``Codec.wire_nbytes`` on every
 parameter tensor): int8 is 1 byte per entry plus an fp32 scale per 64-entry block, exchanged by a re-quantising
-reduce-scatter (priced as an all-reduce); sign, 1 bit plus a scale per block, all-gathered.
+reduce-scatter (priced as an all-reduce); sign, 1 bit plus a scale per block, and blocktopk 1% (6 bytes per kept
+entry) the same way; topk 1% (8 bytes per kept entry, one selection over each whole tensor) all-gathered.
 
     .venv/bin/python benchmarks/bench_utilisation.py [--workers 8] [--latency-ms 0] [--topology ring] [--overlap]
 """
@@ -42,8 +43,8 @@ def param_shapes(shape: GPTShape) -> list[tuple[int, ...]]:
         return [tuple(p.shape) for p in GPT(shape).parameters()]
 
 
-def payload_bytes(shapes: list[tuple[int, ...]], codec: str) -> float:
-    c = make_codec(CompressionConfig(name=codec))
+def payload_bytes(shapes: list[tuple[int, ...]], codec: CompressionConfig) -> float:
+    c = make_codec(codec)
     return float(sum(c.wire_nbytes(s, torch.float32) for s in shapes))
 
 
@@ -104,15 +105,21 @@ def main() -> None:
           f"({'measured' if args.measure else f'= 35 ms x {params / 1e6:.1f}M / 124M, the H100 GPT-2 figure scaled'})")  # fmt: skip
     print(f"# K={args.workers} workers, {args.topology} all-reduce, latency {args.latency_ms} ms, "
           f"overlap={args.overlap}; cells: compute utilisation; last column: bandwidth for 95%")  # fmt: skip
-    header = f"| {'algorithm':<31} | {'payload':>9} |" + "".join(
+    header = f"| {'algorithm':<34} | {'payload':>9} |" + "".join(
         f" {fmt_bw(b) + 'bit/s':>9} |" for b in BANDWIDTHS_MBPS
     )
     print(header + f" {'95% needs':>10} |")
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|" + "-" * 12 + "|")
-    # int8 is reduce-scattered and re-quantised (2(K-1)/K payloads each way, like an all-reduce); for contrast,
-    # "+sign" (1/8 byte per entry + block scales, 5.7x smaller than int8) can only be all-gathered (K-1 payloads):
-    # at K=8 that eats most of its advantage (1.4x fewer bytes than int8). Both priced as the backends send them.
-    variants = (("none", ""), ("int8", " +int8"), ("sign", " +sign (all-gather)"))
+    # int8, sign and blocktopk are reduce-scattered and re-encoded per chunk (2(K-1)/K payloads each way, like an
+    # all-reduce); topk can only be all-gathered (K-1 payloads), which at K=8 costs it 4x the bytes of blocktopk
+    # at the same ratio (3.5x less 8/6 for its wider indices). Each priced as the backends send it.
+    variants = (
+        (CompressionConfig(name="none"), ""),
+        (CompressionConfig(name="int8"), " +int8"),
+        (CompressionConfig(name="sign"), " +sign"),
+        (CompressionConfig(name="topk", ratio=0.01), " +topk 1% (all-gather)"),
+        (CompressionConfig(name="blocktopk", ratio=0.01, block_size=1024), " +blocktopk 1%"),
+    )
     for h, name in ((1, "ddp"), (50, "diloco H=50"), (500, "diloco H=500")):
         for codec, suffix in variants:
             allgather = codec_allgathers(codec)
@@ -124,7 +131,7 @@ def main() -> None:
                                     topology=Topology(args.topology), overlap=args.overlap)  # fmt: skip
                 cells.append(utilisation(cfg, args.workers, h * step, payload, allgather))
             need = required_bandwidth(net, args.workers, h * step, payload, 0.95, allgather)
-            print(f"| {label:<31} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
+            print(f"| {label:<34} | {payload / 1e6:>6.0f} MB |" + "".join(f" {u:>9.1%} |" for u in cells)
                   + f" {fmt_bw(need) + 'bit/s':>10} |")  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from locoswarm.compression import (
     BlockQuantCodec,
+    BlockTopKCodec,
     CastCodec,
     Codec,
     ErrorFeedback,
@@ -134,6 +135,7 @@ def test_make_codec_builds_each_codec_and_wraps_lossy_ones_in_error_feedback():
         "int4": BlockQuantCodec,
         "sign": SignCodec,
         "topk": TopKCodec,
+        "blocktopk": BlockTopKCodec,
         "randomk": RandomKCodec,
         "powersgd": PowerSGDCodec,
     }
@@ -232,6 +234,54 @@ def test_topk_keeps_exactly_the_largest(x, ratio):
     assert torch.equal(yf[kept], xf[kept]) and bool((yf[~kept] == 0).all())
     if 0 < k < n:
         assert xf[kept].abs().min() >= xf[~kept].abs().max()
+
+
+@SETTINGS
+@given(x=tensors(), ratio=st.floats(0.01, 1.0), block=st.integers(1, 70))
+def test_blocktopk_keeps_exactly_the_largest_of_every_block(x, ratio, block):
+    codec = BlockTopKCodec(ratio, block)
+    p, y = roundtrip(codec, x)
+    n = x.numel()
+    # which entries were kept: the payload's offsets, decoded with every value 1
+    marks = codec.decode(Payload({**p.buffers, "values": torch.ones_like(p.buffers["values"])}, p.shape, p.dtype))
+    xb, yb, mb = block_view(x, block), block_view(y, block), block_view(marks, block)  # the last block zero-padded
+    assert p.nbytes == 6 * sum(keep_count(ratio, min(block, n - i * block)) for i in range(xb.shape[0]))
+    for i in range(xb.shape[0]):
+        c = min(block, n - i * block)
+        xs, ys, kept = xb[i, :c], yb[i, :c], mb[i, :c] == 1
+        assert int(kept.sum()) == keep_count(ratio, c)
+        assert torch.equal(ys[kept], xs[kept]) and bool((ys[~kept] == 0).all())
+        if int(kept.sum()) < c:
+            assert xs[kept].abs().min() >= xs[~kept].abs().max()
+
+
+@SETTINGS
+@given(x=tensors(), ratio=st.floats(0.01, 1.0))
+def test_blocktopk_with_one_block_is_topk(x, ratio):
+    """Identity: a block longer than the tensor keeps what topk keeps (its wire only has narrower indices)."""
+    block = x.numel() + 1
+    assert block <= 2**15  # tensors() draws small shapes
+    whole, blockwise = TopKCodec(ratio), BlockTopKCodec(ratio, block)
+    pt, pb = whole.encode(x), blockwise.encode(x)
+    assert torch.equal(pt.buffers["indices"].long(), pb.buffers["offsets"].long())
+    assert torch.equal(whole.decode(pt), blockwise.decode(pb))
+
+
+def test_blocktopk_slices_are_the_chunks_own_payloads_and_its_limits_are_named():
+    codec, x = BlockTopKCodec(0.1, 64), torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    whole = codec.encode(x)
+    for lo, hi in ((0, 5), (5, 10), (10, 16)):  # 1000 = 15 blocks of 64 and one of 40
+        start, stop = codec.block_entries(x.shape, lo, hi)
+        own = codec.encode(x[start:stop])
+        piece = codec.slice_blocks(whole, lo, hi)
+        assert all(torch.equal(own.buffers[k], piece.buffers[k]) for k in own.buffers)
+        assert torch.equal(codec.decode(piece), codec.decode(whole)[start:stop])
+    with pytest.raises(ValueError, match="block_size=40000 is too large"):
+        BlockTopKCodec(0.1, 40000)
+    bad = codec.encode(x)
+    bad.buffers["offsets"][1] = bad.buffers["offsets"][0]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        codec.decode(bad)
 
 
 @SETTINGS
@@ -349,6 +399,7 @@ CONTRACTION = {
     "int4": math.sqrt(16) / 14,
     "sign": math.sqrt(1 - 1 / 16),
     "topk": math.sqrt(1 - keep_count(0.1, 96) / 96),
+    "blocktopk": math.sqrt(1 - keep_count(0.1, 16) / 16),  # per block of 16, and 96 = 6 whole blocks
 }
 # ||e|| <= q / (1 - q) * max ||x|| for contractions (+1% for fp32 rounding); random-k and PowerSGD only promise
 # ||v - C(v)|| <= ||v||, so theirs are empirical (worst over 30 seeds of this stream: 21.8 and 5.0).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from locoswarm.comm.aggregate import WeightedMean
 from locoswarm.comm.exchange import LocalCodecs, allgather_bytes, owner_blocks
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory, make_codec
@@ -15,7 +16,8 @@ from locoswarm.netsim import NetworkModel
 SHAPES = [(32, 24), (24,), (500,)]
 WEIGHTS = [1.0, 3.0, 2.0]
 SUMMABLE = {"none", "fp16", "bf16", "randomk"}
-REDUCIBLE = {"none", "int8", "int4"}  # none: blocks of one entry (backend.allreduce=mailbox on hivemind)
+# none: blocks of one entry (backend.allreduce=mailbox on hivemind); sign and blocktopk: re-sparsified per chunk
+REDUCIBLE = {"none", "int8", "int4", "sign", "blocktopk"}
 
 
 def cfg(name: str) -> CompressionConfig:
@@ -36,7 +38,9 @@ def sim_rounds(name: str, rounds: int) -> list[list[torch.Tensor]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["none", "fp16", "bf16", "int8", "int4", "sign", "topk", "randomk", "powersgd"])
+@pytest.mark.parametrize(
+    "name", ["none", "fp16", "bf16", "int8", "int4", "sign", "topk", "blocktopk", "randomk", "powersgd"]
+)
 def test_the_exchange_computes_the_sims_mean(name):
     peers = [LocalCodecs(cfg(name), run_seed=3) for _ in WEIGHTS]
     assert all(p.summable == (name in SUMMABLE) for p in peers)
@@ -97,11 +101,37 @@ def test_reduce_scatter_is_the_requantised_mean(name, levels, owners):
     assert [lo for lo, _ in owner_blocks(10, 3)] == [0, 3, 6] and owner_blocks(10, 3)[-1] == (6, 10)
 
 
+@pytest.mark.parametrize("name", ["sign", "blocktopk"])
+@pytest.mark.parametrize("owners", [1, 2, 3, 5])
+def test_reduce_scatter_is_the_resparsified_mean(name, owners):
+    """sign and blocktopk encode each block on its own, so the owners' chunks together are exactly the codec
+    applied once more to the weighted mean of the decoded payloads (the mean summed in rank order, as
+    comm/aggregate.py does), and nothing is all-gathered."""
+    weights = torch.rand(owners, generator=torch.Generator().manual_seed(owners)) + 0.1
+    shares = (weights.double() / weights.double().sum()).tolist()
+    compression = CompressionConfig(name=name, ratio=0.25, block_size=16, error_feedback=True)
+    peers = [LocalCodecs(compression, run_seed=0) for _ in range(owners)]
+    inputs = [[torch.randn(s) * (i + 1) for s in SHAPES] for i in range(owners)]
+    payloads = [p.encode(x) for p, x in zip(peers, inputs, strict=True)]
+    sent = [p.split(ps, owners) for p, ps in zip(peers, payloads, strict=True)]
+    reduced = [peers[j].reduce_owned(j, owners, [s[j] for s in sent], shares, payloads[j]) for j in range(owners)]
+    mean = peers[0].assemble(reduced, payloads[0])
+    again = make_codec(CompressionConfig(name=name, ratio=0.25, block_size=16))  # the owners' stateless re-encode
+    for i, shape in enumerate(SHAPES):
+        (exact,) = WeightedMean()([[peers[0].codecs(3)[i].decode(ps[i])] for ps in payloads], shares)
+        assert torch.equal(mean[i], again.decode(again.encode(exact))), (name, owners, shape)
+        if owners > 1:  # re-sparsifying is not a no-op: the members' kept entries or signs differ
+            assert not torch.equal(mean[i], exact)
+
+
 def test_odd_int4_blocks_fall_back_to_the_all_gather():
     """int4 packs two codes per byte: with an odd block size a chunk would start mid-byte, so it is all-gathered."""
     assert not make_codec(CompressionConfig(name="int4", block_size=7)).reducible
     assert make_codec(CompressionConfig(name="int8", block_size=7)).reducible
     assert make_codec(CompressionConfig(name="int4", block_size=8, error_feedback=True)).reducible
+    # sign's chunks must start on a byte of its bits too
+    assert not make_codec(CompressionConfig(name="sign", block_size=12)).reducible
+    assert make_codec(CompressionConfig(name="sign", block_size=16)).reducible
 
 
 def test_a_bad_chunk_is_refused_before_anything_is_accumulated():

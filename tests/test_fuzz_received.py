@@ -176,7 +176,7 @@ def _warnings(name: str = "locoswarm"):
         logger.removeHandler(handler)
 
 
-CODECS = ["none", "fp16", "bf16", "int8", "int4", "sign", "topk", "randomk", "powersgd"]
+CODECS = ["none", "fp16", "bf16", "int8", "int4", "sign", "topk", "blocktopk", "randomk", "powersgd"]
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -208,7 +208,7 @@ def test_a_malformed_payload_fails_to_decode_with_a_valueerror_and_is_screened(n
         assert (1 in dropped) == (not finite) and 0 not in dropped, dropped
 
 
-@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("name", ["int8", "int4", "sign", "blocktopk"])
 @settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(stage=st.sampled_from(["scatter", "reduced"]), mutation=MUTATIONS)
 @example(stage="reduced", mutation=("word", 27, struct.pack("<f", 3e38)))  # a scale: finite, its products are not

@@ -105,6 +105,8 @@ def sim_reference(name: str) -> list[list[torch.Tensor]]:
     [
         ("topk", 0.0, "gather"),  # all-gathered: the sim's arithmetic, bit for bit
         ("int8", 0.0, "reduce"),  # reduce-scattered and re-quantised per chunk: the sim's chunks, bit for bit
+        ("sign", 0.0, "reduce"),  # re-sparsified per chunk, the same way
+        ("blocktopk", 0.0, "reduce"),
         ("powersgd", 0.0, "gather"),
         ("randomk", 1e-6, "butterfly"),  # butterfly over the k shared-index values: float32 rounding of the sum
         ("fp16", 2**-10, "butterfly"),  # hivemind re-casts the averaged part to fp16: one more rounding of the mean

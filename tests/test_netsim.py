@@ -175,7 +175,8 @@ def test_sim_prices_what_the_real_backends_send():
         ("randomk", False),
         ("int8", False),
         ("int4", False),
-        ("sign", True),
+        ("sign", False),  # re-sparsified per chunk, like int8
+        ("blocktopk", False),
         ("fp16", False),
     ):
         r = SimAverager(codec_factory(CompressionConfig(name=name, ratio=0.1), 0), model).average(x, torch.ones(4))
@@ -201,9 +202,12 @@ def test_plan_table_rows_and_cli(capsys):
     # reduce-scattered and gathered, re-quantised, like an all-reduce: the same factor in bandwidth
     assert rows[2]["mbps"] == pytest.approx(rows[0]["mbps"] / 50)
     assert rows[1]["mbps"] == pytest.approx(rows[0]["mbps"] * (1 + 4 / 64) / 4)
-    # sign's payloads can only be all-gathered: (K-1) payloads instead of 2(K-1)/K, K/2 = 4x more per byte
+    # sign is reduce-scattered like int8; topk's payloads can only be all-gathered: (K-1) payloads instead of
+    # 2(K-1)/K, K/2 = 4x more per byte
     sign = plan_table(124e6, 0.035, 8, net(latency_ms=0), [1], ["sign"], 0.95)[0]
-    assert sign["mbps"] == pytest.approx(rows[0]["mbps"] * (1 / 8 + 4 / 64) / 4 * 8 / 2)
+    assert sign["mbps"] == pytest.approx(rows[0]["mbps"] * (1 / 8 + 4 / 64) / 4)
+    topk = plan_table(124e6, 0.035, 8, net(latency_ms=0), [1], ["topk:0.01"], 0.95)[0]
+    assert topk["mbps"] == pytest.approx(rows[0]["mbps"] * 0.01 * 8 / 4 * 8 / 2, rel=1e-3)
     from locoswarm.netsim import main
 
     assert main(["plan", "--params", "124e6", "--step-seconds", "0.035", "--codecs", "none,int8"]) == 0

@@ -179,6 +179,12 @@ def test_torchrun_streaming_matches_sim(tmp_path, codec):
 CODECS = {
     "topk-ef": (["compression=topk", "compression.ratio=0.1", "compression.error_feedback=true"], 3, 1e-6),
     "int8": (["compression=int8"], 3, 1e-6),
+    "sign-ef": (["compression=sign", "compression.error_feedback=true"], 3, 1e-6),  # re-sparsifying reduce-scatter
+    "blocktopk-ef": (
+        ["compression=blocktopk", "compression.block_size=64", "compression.error_feedback=true"],
+        3,
+        1e-6,
+    ),  # fmt: skip
     "int4+EF": (["compression=int4", "compression.error_feedback=true"], 2, 1e-6),
     "powersgd": (["compression=powersgd"], 2, 1e-6),
     "randomk": (["compression=randomk", "compression.ratio=0.25"], 3, 1e-5),

@@ -52,6 +52,7 @@ class CompressionName(StrEnum):
     int8 = "int8"
     int4 = "int4"
     topk = "topk"
+    blocktopk = "blocktopk"
     randomk = "randomk"
     powersgd = "powersgd"
     sign = "sign"
@@ -200,7 +201,8 @@ class CompressionConfig:
     ratio: float = 1.0
     """Fraction of entries kept (topk/randomk) or target bytes fraction (powersgd); in (0, 1]."""
     block_size: int = 64
-    """Block length for blockwise absmax quantisation (int8/int4/sign)."""
+    """Block length of the blockwise codecs: int8/int4/sign (one scale per block) and blocktopk (ratio x
+    block_size entries kept per block; conf/compression/blocktopk.yaml sets 1024)."""
     rank: int = 4
     """PowerSGD rank (when ratio is 1.0; otherwise derived from ratio)."""
     error_feedback: bool = False

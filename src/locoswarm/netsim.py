@@ -15,9 +15,10 @@ over the workers that take part (n of them, in rank order), for a payload of P b
   link, (n-1)/n P / min(u_i, d_i), plus the largest latency. Uniform links: 2(n-1)/n P/b + 2 l.
 - ``parameter_server``: every worker pushes P, the server returns the mean; the server's link (server_mbps)
   carries nP each way: 2 (max(P / b_worker, nP / b_server) + l). Uniform links, b_server = b: 2nP/b + 2l.
-- blockwise quantisers (int8, int4: ``Codec.reducible``) are averaged by a re-quantising reduce-scatter and
-  all-gather of the payload (``comm/exchange.py``): priced as an all-reduce of P, like summable codecs.
-- codecs whose payloads can be neither summed on the wire nor re-quantised per chunk (sign, topk, powersgd)
+- blockwise codecs (int8, int4, sign, blocktopk: ``Codec.reducible``) are averaged by a re-quantising
+  reduce-scatter and all-gather of the payload (``comm/exchange.py``): priced as an all-reduce of P, like
+  summable codecs.
+- codecs whose payloads can be neither summed on the wire nor re-quantised per chunk (topk, powersgd)
   are all-gathered on ring and butterfly instead (what the real backends do, see ``comm/exchange.py``):
   ring: n-1 steps, each worker forwarding one whole payload to its successor, max_i (P / min(u_i, d_i+1) + lat);
   butterfly: every worker sends its payload straight to the n-1 others, (n-1) P / min(u_i, d_i) on the busiest

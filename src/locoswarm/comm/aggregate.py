@@ -23,7 +23,8 @@ rule must not let one peer's claim decide the result.
 
 Where each can run (``exchange_path``): a linear aggregator over a summable codec is an all-reduce, in which
 nobody sees a single row: screening then sees only the sum, and a non-finite sum rejects the round (a zero update,
-every member reported). WeightedMean over blockwise quantisers is the re-quantising reduce-scatter: each owner
+every member reported). WeightedMean over blockwise codecs (int8, int4, sign, blocktopk) is the re-quantising
+reduce-scatter: each owner
 sees every member's piece of its chunk and screens those pieces. Every other combination all-gathers the payloads,
 so every peer screens and aggregates the same full rows: exact, at (n - 1) payloads per peer instead of
 2 (n - 1) / n. A robust rule per chunk (BTARD's per-part centered clipping, Gorbunov et al. 2022) would keep the

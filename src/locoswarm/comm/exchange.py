@@ -8,18 +8,19 @@ There are three ways, and the codec decides (``Codec.summable``, ``Codec.reducib
   from the shared seed and the round number, which every peer aligns to). Each peer encodes, the backend sums
   ``share x values`` across the group (a bandwidth-optimal all-reduce of only the wire bytes: random-k sends its
   k values and never an index), and everyone decodes the sum once.
-- **re-quantising reduce-scatter** (reducible codecs: ``int8``, ``int4``; blockwise quantisers). Their payloads
-  carry per-peer scales, so they cannot be summed, but they cut into chunks of whole blocks whose payloads are
-  slices of the whole one. The flattened tensor's blocks are split evenly over the group's n members in rank
+- **re-quantising reduce-scatter** (reducible codecs: ``int8``, ``int4``, ``sign``, ``blocktopk``; every codec that
+  encodes fixed-size blocks one by one). Their payloads carry per-peer scales, signs or kept positions, so they
+  cannot be summed, but they cut into chunks of whole blocks whose payloads are slices of the whole one. The flattened tensor's blocks are split evenly over the group's n members in rank
   order (``owner_blocks``); each peer sends owner j its payload's slice for chunk j; owner j decodes the n
   slices, sums ``share x decode`` in rank order (fp32), re-encodes that mean with the codec (``requantizer``:
   no error feedback, the owner has no residual of it) and sends it to everyone, who decode and concatenate.
-  So the group mean is quantised twice, like hivemind's compressed butterfly, and each peer sends
-  (n-1)/n + (n-1)/n of a payload, as an all-reduce does. The ``sim`` backend runs these same functions on the
+  So the group mean is quantised (sign, blocktopk: sparsified) twice, like hivemind's compressed butterfly, and
+  each peer sends (n-1)/n + (n-1)/n of a payload, as an all-reduce does: for the sparsifiers that is what keeps
+  their bytes per peer from growing with the group (topk's all-gather moves n-1 payloads). The ``sim`` backend runs these same functions on the
   same chunks, so real backends match it bit for bit.
-- **all-gather the payloads** (every other codec: ``sign``, ``topk``, ``powersgd``, and ``int4`` with an odd
-  block size). Their payloads carry per-peer indices, factors or bit-packed signs, so they can be neither summed
-  nor re-quantised per chunk. Each peer sends its whole payload to every groupmate, and every peer decodes all
+- **all-gather the payloads** (every other codec: ``topk``, ``powersgd``, and ``int4`` or ``sign`` with a block
+  size that splits a byte). Their payloads carry per-peer indices over the whole tensor or low-rank factors, so
+  they can be neither summed nor re-encoded per chunk. Each peer sends its whole payload to every groupmate, and every peer decodes all
   of them and sums ``share x decode`` in rank order: exactly the ``sim`` backend's arithmetic, so the result
   matches it bit for bit. It costs (n-1) payloads each way instead of the all-reduce's 2(n-1)/n, which is why
   ``NetworkModel`` prices these codecs as an all-gather too, and why it stops paying off as groups grow.

@@ -21,8 +21,8 @@ Compression (``compression=...``, the same config as on ``sim``; see ``comm/exch
     | --- | --- | --- |
     | none, randomk | the fp32 wire values (random-k: its k values, never an index), butterfly all-reduce | decoded once from the group's mean |
     | fp16 | the same butterfly with hivemind's own ``Float16Compression`` | compressed twice: each part on its way to its owner, and the averaged part on its way back (hivemind's design); our codec's first cast is exactly representable, so stage 1 adds nothing, stage 2 rounds the mean to fp16 |
-    | int8, int4 | stage 1: each peer's payload slice for the blocks owner j reduces, to owner j; stage 2: each owner's re-encoded chunk mean, to everyone (``comm/hivemind_gather.py``) | compressed twice like hivemind's butterfly: by each peer's codec, then the owner decodes the slices, sums them in rank order and re-encodes the mean; everyone decodes the chunks: the ``sim`` backend's arithmetic on the same chunks, bit for bit |
-    | bf16, sign, topk, powersgd | the packed payload, all-gathered (``comm/hivemind_gather.py``) | every peer decodes every groupmate's payload and sums them in rank order: the ``sim`` backend's arithmetic, bit for bit |
+    | int8, int4, sign, blocktopk | stage 1: each peer's payload slice for the blocks owner j reduces, to owner j; stage 2: each owner's re-encoded chunk mean, to everyone (``comm/hivemind_gather.py``) | compressed twice like hivemind's butterfly: by each peer's codec, then the owner decodes the slices, sums them in rank order and re-encodes the mean; everyone decodes the chunks: the ``sim`` backend's arithmetic on the same chunks, bit for bit |
+    | bf16, topk, powersgd | the packed payload, all-gathered (``comm/hivemind_gather.py``) | every peer decodes every groupmate's payload and sums them in rank order: the ``sim`` backend's arithmetic, bit for bit |
 
     hivemind's butterfly cannot carry the last two rows: its receivers decode only hivemind's built-in
     compression types (a closed protobuf enum), and it sums what it receives, which top-k indices, per-block

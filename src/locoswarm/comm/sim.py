@@ -2,8 +2,8 @@
 
 Each local worker's contribution goes through its own codec (encode, count ``payload.nbytes``, decode), so
 lossy compression changes the numbers exactly as it would on a network, and the byte count is the real
-payload size priced by the network model's topology. Blockwise quantisers (int8, int4) go through the real
-backends' re-quantising reduce-scatter (``comm/exchange.py``) on the same chunks, so the mean is quantised twice
+payload size priced by the network model's topology. Blockwise codecs (int8, int4, sign, blocktopk) go through the
+real backends' re-quantising reduce-scatter (``comm/exchange.py``) on the same chunks, so the mean is encoded twice
 here too, and the real backends reproduce it bit for bit.
 """
 

@@ -7,6 +7,7 @@
 | int8 / int4 | 1 / 0.5 byte + 4/B (fp32 scale per block) | absmax_block / 254 / 14 |
 | sign | 1/8 byte + 4/B (fp32 mean-abs scale per block) | <= absmax_block; block L2 contraction |
 | topk | 8 bytes per kept entry (value + int32 index) | kept exact, smallest dropped |
+| blocktopk | 6 bytes per kept entry (value + int16 offset in its block of B) | per block: kept exact, smallest dropped |
 | randomk | 4 bytes per kept entry (indices from the shared seed) | kept exact |
 | powersgd | 4 r (n + m) / (n m) bytes | ||x - x̂|| <= ||x||; exact for rank <= r |
 
@@ -25,10 +26,11 @@ from locoswarm.compression.error_feedback import ErrorFeedback
 from locoswarm.compression.powersgd import PowerSGDCodec
 from locoswarm.compression.quantize import BlockQuantCodec
 from locoswarm.compression.sign import SignCodec
-from locoswarm.compression.sparse import RandomKCodec, TopKCodec, keep_count
+from locoswarm.compression.sparse import BlockTopKCodec, RandomKCodec, TopKCodec, keep_count
 
 __all__ = [
     "BlockQuantCodec",
+    "BlockTopKCodec",
     "BufferSpec",
     "CastCodec",
     "Codec",
@@ -45,7 +47,7 @@ __all__ = [
     "make_codec",
 ]
 
-NAMES = ("none", "fp16", "bf16", "int8", "int4", "topk", "randomk", "powersgd", "sign")
+NAMES = ("none", "fp16", "bf16", "int8", "int4", "topk", "blocktopk", "randomk", "powersgd", "sign")
 
 
 def make_codec(cfg, seed: int = 0) -> Codec:
@@ -68,6 +70,8 @@ def make_codec(cfg, seed: int = 0) -> Codec:
         codec = SignCodec(cfg.block_size)
     elif name == "topk":
         codec = TopKCodec(cfg.ratio)
+    elif name == "blocktopk":
+        codec = BlockTopKCodec(cfg.ratio, cfg.block_size)
     elif name == "randomk":
         codec = RandomKCodec(cfg.ratio, seed)
     elif name == "powersgd":

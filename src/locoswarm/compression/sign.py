@@ -7,6 +7,13 @@ counts as positive), 0 for x < 0; x̂ = m * (+1 | -1).
 Wire (n entries, nb = ceil(n / B)): ``bits`` ceil(n/8) x uint8, entry i in bit (i % 8) of byte i // 8 (LSB
 first; unused trailing bits are 0) + ``scales`` nb x fp32 -> 1/8 + 4/B bytes/entry (ratio 0.047 at B = 64).
 
+Reducible (``Codec.reducible``) when ``block_size`` is a multiple of 8: blocks are encoded independently and
+start on a byte, so the payload of a run of whole blocks is the slice of the whole payload (their scales, the
+bytes of their bits; the last block's unused trailing bits are 0 either way). A group then averages sign
+payloads by the re-sparsifying reduce-scatter of ``comm/exchange.py``: each chunk's owner takes the mean of the
+members' decoded slices and sends everyone the sign code of that mean, so a worker sends 2(n-1)/n payloads
+instead of the all-gather's n-1.
+
 Error bound: per entry |x - x̂| = | |x| - m | <= max(m, absmax_block - m) <= absmax_block; per block x̂ is the
 L2 projection of x onto its sign pattern, so ||x - x̂||² = ||x||² - c * m² <= (1 - 1/c) * ||x||² (a contraction,
 which is what error feedback needs), up to the fp32 rounding of m (relative <= c * 2^-24). Inputs with
@@ -59,6 +66,29 @@ class SignCodec(Codec):
     def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
         n = numel(shape)
         return [("bits", torch.uint8, -(-n // 8)), ("scales", torch.float32, -(-n // self.block_size))]
+
+    @property
+    def reducible(self) -> bool:
+        return self.block_size % 8 == 0
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return -(-numel(shape) // self.block_size)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        n = numel(shape)
+        return min(lo * self.block_size, n), min(hi * self.block_size, n)
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        if not self.reducible:
+            raise ValueError(f"sign: block_size={self.block_size} splits bytes; chunks need a multiple of 8")
+        if not 0 <= lo <= hi <= self.block_count(payload.shape):
+            raise ValueError(f"sign: blocks [{lo}, {hi}) are outside the payload's {self.block_count(payload.shape)}")
+        start, stop = self.block_entries(payload.shape, lo, hi)
+        bits = payload.buffers["bits"][start // 8 : -(-stop // 8)]
+        return Payload({"bits": bits, "scales": payload.buffers["scales"][lo:hi]}, (stop - start,), payload.dtype)
+
+    def requantizer(self) -> Codec:
+        return self  # stateless
 
     def _counts(self, n: int, nb: int, device: torch.device) -> torch.Tensor:
         counts = torch.full((nb,), float(self.block_size), device=device)

@@ -1,4 +1,5 @@
-"""Sparsification: ``topk`` (largest magnitudes, indices sent) and ``randomk`` (shared random indices, not sent).
+"""Sparsification: ``topk`` (largest magnitudes, indices sent), ``blocktopk`` (the largest in every block) and
+``randomk`` (shared random indices, not sent).
 
 Both keep k = min(n, ceil(ratio * n)) of the n entries (ratio * n rounded to 6 decimals first, so that 0.07 * 100
 keeps 7, not 8) and decode the rest to 0. Kept entries are sent in the tensor's own dtype, so they decode
@@ -8,6 +9,15 @@ exactly. Neither rescales (random-k is the biased variant): use error feedback t
   duplicates) -> 8k bytes for fp32, ratio 2 * k / n. Error: kept entries exact; every dropped entry has
   |x| <= every kept |x|, so ||x - x̂||² <= (1 - k/n) * ||x||² (a contraction). Ties are broken by ``torch.topk``,
   which may differ between CPU and CUDA.
+- blocktopk wire: the flattened tensor is cut into blocks of B = ``block_size`` entries (the last may be
+  shorter, c < B) and each block keeps its own kb = keep_count(ratio, B) largest magnitudes (keep_count(ratio, c)
+  for the short one): ``values`` k x tensor dtype + ``offsets`` k x int16, each kept entry's position within its
+  block, strictly increasing per block -> 6k bytes for fp32 (B <= 32768). Same error bound as topk, per block.
+  Reducible (``Codec.reducible``): a block's entries sit at a fixed place in the payload, so the payload of a run
+  of whole blocks is a slice of the whole one, and a group averages blocktopk payloads by the re-sparsifying
+  reduce-scatter of ``comm/exchange.py`` (each chunk's owner sends everyone the block top-k of the members' mean):
+  2(n-1)/n payloads per worker where topk's all-gather moves n-1. The price: the group's mean is sparsified again
+  (the members' kept entries need not coincide), and a dense region keeps no more than kb entries per block.
 - randomk wire: ``values`` k x tensor dtype only -> 4k bytes for fp32, ratio k / n. The indices of round r are
   stratified: [0, n) is cut into k strata [floor(j n / k), floor((j + 1) n / k)) and one index is drawn
   uniformly in each, from a CPU generator seeded with hash(seed, r). So they are distinct, sorted, every entry
@@ -25,7 +35,7 @@ import math
 
 import torch
 
-from locoswarm.compression.base import BufferSpec, Codec, Payload, numel, require
+from locoswarm.compression.base import BufferSpec, Codec, Payload, check_block_size, numel, require
 
 _MAX_INT32 = 2**31 - 1
 
@@ -73,6 +83,84 @@ class TopKCodec(Codec):
     def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
         k = keep_count(self.ratio, numel(shape))
         return [("indices", torch.int32, k), ("values", dtype, k)]
+
+
+class BlockTopKCodec(Codec):
+    name = "blocktopk"
+    reducible = True
+
+    def __init__(self, ratio: float, block_size: int = 1024) -> None:
+        self.ratio = _check_ratio(ratio)
+        self.block_size = check_block_size(block_size)
+        if self.block_size > 2**15:
+            raise ValueError(f"compression.block_size={block_size} is too large for blocktopk: at most 32768 "
+                             "(offsets within a block are int16)")  # fmt: skip
+        self.per_block = keep_count(self.ratio, self.block_size)
+
+    def _blocks(self, n: int) -> tuple[int, int, int]:
+        """(full blocks, entries of the short last block or 0, entries kept there)."""
+        full, rest = divmod(n, self.block_size)
+        return full, rest, keep_count(self.ratio, rest) if rest else 0
+
+    def kept(self, n: int) -> int:
+        full, _, last = self._blocks(n)
+        return full * self.per_block + last
+
+    def encode(self, tensor: torch.Tensor) -> Payload:
+        x = tensor.detach().reshape(-1)
+        full, rest, last = self._blocks(x.numel())
+        values, offsets = [], []
+        if full:
+            b = x[: full * self.block_size].reshape(full, self.block_size)
+            o = torch.topk(b.abs(), self.per_block, dim=1, sorted=False).indices.sort(dim=1).values
+            values.append(b.gather(1, o).reshape(-1))
+            offsets.append(o.reshape(-1))
+        if rest:
+            tail = x[full * self.block_size :]
+            o = torch.topk(tail.abs(), last, sorted=False).indices.sort().values
+            values.append(tail[o])
+            offsets.append(o)
+        v = torch.cat(values) if values else x.new_empty(0)
+        o = torch.cat(offsets).to(torch.int16) if offsets else torch.empty(0, dtype=torch.int16, device=x.device)
+        return Payload({"values": v, "offsets": o}, tuple(tensor.shape), tensor.dtype)
+
+    def decode(self, payload: Payload) -> torch.Tensor:
+        self.check_payload(payload)
+        full, rest, last = self._blocks(numel(payload.shape))
+        values, offsets = payload.buffers["values"], payload.buffers["offsets"].long()
+        out = values.new_zeros(numel(payload.shape))
+        cut = full * self.per_block
+        for o, v, size, start in ((offsets[:cut].reshape(full, self.per_block), values[:cut], self.block_size, 0),
+                                  (offsets[cut:].reshape(1 if rest else 0, last), values[cut:], rest,
+                                   full * self.block_size)):  # fmt: skip
+            require(((o >= 0) & (o < size)).all(), self.name, f"an offset is outside its block [0, {size})")
+            require((o[:, 1:] > o[:, :-1]).all(), self.name, "offsets must be strictly increasing within a block")
+            base = start + torch.arange(o.shape[0], device=o.device)[:, None] * self.block_size
+            out[(o + base).reshape(-1)] = v
+        return out.reshape(payload.shape).to(payload.dtype)
+
+    def layout(self, shape: tuple[int, ...], dtype: torch.dtype) -> list[BufferSpec]:
+        k = self.kept(numel(shape))
+        return [("offsets", torch.int16, k), ("values", dtype, k)]
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return -(-numel(shape) // self.block_size)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        n = numel(shape)
+        return min(lo * self.block_size, n), min(hi * self.block_size, n)
+
+    def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
+        if not 0 <= lo <= hi <= self.block_count(payload.shape):
+            raise ValueError(f"blocktopk: blocks [{lo}, {hi}) are outside the payload's "
+                             f"{self.block_count(payload.shape)}")  # fmt: skip
+        start, stop = self.block_entries(payload.shape, lo, hi)
+        first, count = lo * self.per_block, self.kept(stop - start)  # every block before lo is a full one
+        buffers = {key: b[first : first + count] for key, b in payload.buffers.items()}
+        return Payload(buffers, (stop - start,), payload.dtype)
+
+    def requantizer(self) -> Codec:
+        return self  # stateless
 
 
 class RandomKCodec(Codec):
