@@ -106,11 +106,13 @@ def study_table(rep: Reproduction, study: str) -> pd.DataFrame:
         ref_name = _ref_of(study, variant)
         ref = df[(df["variant"] == ref_name) & (df["status"] == "ok")]
         common = sorted(set(v["seed"]) & set(ref["seed"]))
-        delta = np.nan
+        delta = delta_se = np.nan
         if common and ref_name != variant:
             a = v.set_index("seed").loc[common, "final_val_loss"].to_numpy(float)
             b = ref.set_index("seed").loc[common, "final_val_loss"].to_numpy(float)
             delta = float(np.mean(a - b) / np.mean(b))
+            if len(common) > 1:  # the standard error of the paired difference, relative like delta
+                delta_se = float(np.std(a - b, ddof=1) / np.sqrt(len(common)) / np.mean(b))
         label = STUDIES[study]["labels"].get(variant)
         if label is None and study == "H" and len(v):
             label = f"H={int(v['algorithm.inner_steps'].iloc[0])}"
@@ -122,6 +124,7 @@ def study_table(rep: Reproduction, study: str) -> pd.DataFrame:
             "val_loss_mean": float(v["final_val_loss"].mean()) if len(v) else np.nan,
             "val_loss_std": float(v["final_val_loss"].std(ddof=1)) if len(v) > 1 else np.nan,
             "delta_vs_ref": delta,
+            "delta_se": delta_se,
             "bytes_sent_per_worker": float(v["bytes_sent_total"].mean()) if len(v) else np.nan,
             "bytes_local_phase": float(v["bytes_local"].mean()) if len(v) else np.nan,
             "syncs": float(v["outer_steps"].mean()) if len(v) else np.nan,
@@ -219,7 +222,9 @@ def claims(rep: Reproduction, tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
         if iid is not None and non is not None:
             add("noniid", "Non-iid shards are only slightly worse than iid shards", "robust to the data "
                 "distribution; non-iid only slightly worse, slower early (iid vs non-iid ablation)",
-                f"DiLoCo non-iid {non.val_loss_mean:.4f} vs iid {iid.val_loss_mean:.4f} ({non.delta_vs_ref:+.2%})",
+                f"DiLoCo non-iid {non.val_loss_mean:.4f} vs iid {iid.val_loss_mean:.4f} ({non.delta_vs_ref:+.2%}"
+                + ("" if pd.isna(non.delta_se) else f" ± {non.delta_se:.2%} over {int(non.seeds)} seeds"
+                   + (", within seed noise" if abs(non.delta_vs_ref) < 2 * non.delta_se else "")) + ")",
                 bool(non.val_loss_mean <= iid.val_loss_mean * (1 + TOL_SLOW)))  # fmt: skip
     t = tables.get("warm-start")
     if t is not None:

@@ -186,10 +186,12 @@ def plan(scale: Scale, seeds_main: int, seeds_ablation: int) -> list[RunSpec]:
     for ratio in (0.5, 0.1):
         add(f"topk{ratio:g}", ["compression=topk", f"compression.ratio={ratio}"], "compression", seeds_ablation)
     add("int8", ["compression=int8"], "compression", seeds_ablation)
+    # iid vs non-iid differ by less than the seed-to-seed spread at small scale (ci, seeds 0-4: -0.20% +- 0.23%), so
+    # this ablation gets the main study's seeds: on one seed it showed non-iid 0.99% *better*, the paper's opposite
     for algo in ("diloco", "ddp"):
-        add(algo, [], "non-iid", seeds_ablation)
+        add(algo, [], "non-iid", seeds_main)
         add(f"{algo}-noniid", [*([] if algo == "diloco" else ["algorithm=ddp"]), "data.split=non_iid"], "non-iid",
-            seeds_ablation)  # fmt: skip
+            seeds_main)  # fmt: skip
     add("diloco", [], "warm-start", seeds_ablation)
     add("no-warm-start", ["algorithm.warmup_sync_steps=0"], "warm-start", seeds_ablation)
 
