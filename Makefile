@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 setup:
 	@bash scripts/setup.sh
 
-# DiLoCo and its DDP baseline on the default config (tiny GPT, 4 simulated workers, Shakespeare, CPU),
-# then a comparison table. Extra Hydra overrides: make demo ARGS="workers=8 compression=int8"
+# DiLoCo and its DDP baseline on the default config (tiny GPT, 4 simulated workers, Shakespeare, CPU) with the
+# DiLoCo settings conf/experiment/demo.yaml chose by a measured sweep, then a comparison table and what it means. Extra Hydra overrides: make demo ARGS="workers=8 compression=int8"
 demo: setup
-	$(BIN)/locoswarm-train -m algorithm=ddp,diloco hydra.sweep.dir=runs/demo $(ARGS)
+	$(BIN)/locoswarm-train -m algorithm=ddp,diloco experiment=demo hydra.sweep.dir=runs/demo $(ARGS)
 
 # Lint + the whole suite (slow and network tests included; gpu tests only where CUDA exists).
 test: setup

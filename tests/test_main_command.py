@@ -30,6 +30,9 @@ def test_main_command_writes_the_run_dir_contract(tmp_path):
     # the comparison table
     assert "val loss" in out.stdout and "MB sent/worker" in out.stdout
     assert "ddp" in out.stdout and "diloco" in out.stdout
+    # and the sentence that says what the table means, from the same runs (tests/test_analysis.py checks its numbers)
+    said = [line for line in out.stdout.splitlines() if line.startswith("diloco sent ")]
+    assert len(said) == 1 and "fewer bytes per worker than ddp" in said[0] and "Douillard" in out.stdout
     manifest = json.loads((sweep / "sweep.json").read_text())
     assert [j["status"] for j in manifest["jobs"]] == ["ok", "ok"]
     summaries = {}

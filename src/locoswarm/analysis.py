@@ -82,6 +82,48 @@ def comparison_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+# What the reader of a DDP-vs-DiLoCo table needs to know that the table cannot say (the DiLoCo paper's abstract
+# and its H sweep, Douillard et al. 2023, arXiv:2311.08105).
+AT_SCALE = (
+    "At scale, the DiLoCo paper (Douillard et al. 2023) reports 8 workers with H=500 doing as well as fully "
+    "synchronous training while communicating 500x less, after a synchronous warm-start of 24k of 88k steps (about "
+    "128 outer steps follow it). With a few dozen outer steps, as in a few-minute run, DiLoCo trails DDP: by how much "
+    "depends on H and the outer learning rate, and a longer warm-start narrows the gap at the price of its exchanges "
+    "being most of the bytes (conf/experiment/demo.yaml has the measured sweep)."
+)
+
+
+def tradeoff_summary(df: pd.DataFrame) -> str:
+    """The comparison in sentences: each finished run against the finished ``ddp`` run that saw the same tokens,
+    bytes each worker sent and the final loss gap (both measured), then what the paper finds at scale. Empty
+    unless there is exactly one such ddp run and at least one other run to set against it."""
+    need = {"algorithm", "status", "final_val_loss", "bytes_sent_total", "tokens"}
+    if not need <= set(df.columns):
+        return ""
+    ok = df[df["status"] == "ok"]
+    ddp = ok[ok["algorithm"] == "ddp"]
+    if len(ddp) != 1:
+        return ""
+    base = ddp.iloc[0]
+    labels = dict(zip(df.index, run_labels(df), strict=True))
+    lines = []
+    for i, r in ok[ok["algorithm"] != "ddp"].iterrows():
+        if r["tokens"] != base["tokens"] or not r["bytes_sent_total"]:
+            continue
+        gap = r["final_val_loss"] - base["final_val_loss"]
+        where = "behind" if gap > 0 else "ahead of"
+        warm = int(r.get("rounds", 0) or 0) - int(r["outer_steps"])  # exchanges of a synchronous warm-start
+        warm_said = f" ({warm} of its {warm + int(r['outer_steps'])} exchanges were the synchronous warm-start)"
+        lines.append(
+            f"{labels[i]} sent {base['bytes_sent_total'] / r['bytes_sent_total']:.3g}x fewer bytes per worker than "
+            f"ddp ({r['bytes_sent_total'] / 1e6:.2f} vs {base['bytes_sent_total'] / 1e6:.1f} MB) for the same "
+            f"{r['tokens'] / 1e6:.2f}M tokens, and ended {abs(gap):.3f} nats ({abs(gap) / base['final_val_loss']:.1%}) "
+            f"{where} it ({r['final_val_loss']:.3f} vs {base['final_val_loss']:.3f}) after {int(r['outer_steps'])} "
+            "outer steps" + (warm_said if warm > 0 else "") + "."
+        )
+    return "\n".join([*lines, AT_SCALE]) if lines else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m locoswarm.analysis ROOT``: print the comparison table for every run under ROOT."""
     import sys
@@ -89,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m locoswarm.analysis RUNS_ROOT")
-    print(comparison_table(load_runs(args[0])))
+    df = load_runs(args[0])
+    print(comparison_table(df))
+    if summary := tradeoff_summary(df):
+        print("\n" + summary)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from locoswarm.analysis import comparison_table, load_runs
+from locoswarm.analysis import comparison_table, load_runs, tradeoff_summary
 from locoswarm.runlog import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class SweepSummary(Callback):
             print("\n" + comparison_table(df))
         reused = sum(bool(j.get("reused")) for j in manifest["jobs"])
         print(f"\nruns: {sweep_dir}  (manifest: {sweep_dir / MANIFEST}; {reused} finished runs reused)")
+        if len(df) and (summary := tradeoff_summary(df)):
+            print("\n" + summary)
         failed = [j for j in manifest["jobs"] if j["status"] != "ok"]
         if failed:
             for j in failed:
