@@ -159,6 +159,31 @@ class Codec(ABC):
                 )
 
 
+class BlockwiseCodec(Codec):
+    """A codec that encodes fixed blocks of ``block_size`` entries of the flattened tensor one by one (the last
+    block may be shorter): the block arithmetic of ``Codec.reducible`` codecs whose chunks are runs of blocks."""
+
+    block_size: int
+
+    def block_count(self, shape: tuple[int, ...]) -> int:
+        return -(-numel(shape) // self.block_size)
+
+    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
+        n = numel(shape)
+        return min(lo * self.block_size, n), min(hi * self.block_size, n)
+
+    def chunk_entries(self, payload: Payload, lo: int, hi: int) -> tuple[int, int]:
+        """``block_entries`` of blocks [lo, hi) of ``payload``, after checking they are its blocks."""
+        if not 0 <= lo <= hi <= self.block_count(payload.shape):
+            raise ValueError(
+                f"{self.name}: blocks [{lo}, {hi}) are outside the payload's {self.block_count(payload.shape)}"
+            )
+        return self.block_entries(payload.shape, lo, hi)
+
+    def requantizer(self) -> Codec:
+        return self  # stateless: the blockwise codecs keep nothing between encodes
+
+
 class NoCompression(Codec):
     """fp32 (or the tensor's own dtype) as is: the baseline every compression ratio is measured against."""
 

@@ -24,10 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from locoswarm.compression.base import BufferSpec, Codec, Payload, blocks, check_block_size, flat_float, numel, require
+from locoswarm.compression.base import (
+    BlockwiseCodec,
+    BufferSpec,
+    Payload,
+    blocks,
+    check_block_size,
+    flat_float,
+    numel,
+    require,
+)
 
 
-class BlockQuantCodec(Codec):
+class BlockQuantCodec(BlockwiseCodec):
     """Blockwise absmax integer quantisation with ``bits`` = 8 or 4."""
 
     def __init__(self, bits: int, block_size: int = 64) -> None:
@@ -57,30 +66,16 @@ class BlockQuantCodec(Codec):
     def reducible(self) -> bool:
         return self.bits == 8 or self.block_size % 2 == 0
 
-    def block_count(self, shape: tuple[int, ...]) -> int:
-        return -(-numel(shape) // self.block_size)
-
-    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
-        n = numel(shape)
-        return min(lo * self.block_size, n), min(hi * self.block_size, n)
-
     def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
         if not self.reducible:
             raise ValueError(f"{self.name}: block_size={self.block_size} splits bytes; chunks need an even block size")
-        if not 0 <= lo <= hi <= self.block_count(payload.shape):
-            raise ValueError(
-                f"{self.name}: blocks [{lo}, {hi}) are outside the payload's {self.block_count(payload.shape)}"
-            )
-        start, stop = self.block_entries(payload.shape, lo, hi)
+        start, stop = self.chunk_entries(payload, lo, hi)
         codes = payload.buffers["codes"]
         if self.bits == 4:  # whole bytes: start is even (an even block size); the last chunk keeps the pad nibble
             codes = codes[start // 2 : -(-stop // 2)]
         else:
             codes = codes[start:stop]
         return Payload({"codes": codes, "scales": payload.buffers["scales"][lo:hi]}, (stop - start,), payload.dtype)
-
-    def requantizer(self) -> Codec:
-        return self  # stateless
 
     def encode(self, tensor: torch.Tensor) -> Payload:
         scales, q = self.scales_and_codes(tensor)

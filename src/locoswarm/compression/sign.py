@@ -24,10 +24,19 @@ from __future__ import annotations
 
 import torch
 
-from locoswarm.compression.base import BufferSpec, Codec, Payload, blocks, check_block_size, flat_float, numel, require
+from locoswarm.compression.base import (
+    BlockwiseCodec,
+    BufferSpec,
+    Payload,
+    blocks,
+    check_block_size,
+    flat_float,
+    numel,
+    require,
+)
 
 
-class SignCodec(Codec):
+class SignCodec(BlockwiseCodec):
     name = "sign"
 
     def __init__(self, block_size: int = 64) -> None:
@@ -71,24 +80,12 @@ class SignCodec(Codec):
     def reducible(self) -> bool:
         return self.block_size % 8 == 0
 
-    def block_count(self, shape: tuple[int, ...]) -> int:
-        return -(-numel(shape) // self.block_size)
-
-    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
-        n = numel(shape)
-        return min(lo * self.block_size, n), min(hi * self.block_size, n)
-
     def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
         if not self.reducible:
             raise ValueError(f"sign: block_size={self.block_size} splits bytes; chunks need a multiple of 8")
-        if not 0 <= lo <= hi <= self.block_count(payload.shape):
-            raise ValueError(f"sign: blocks [{lo}, {hi}) are outside the payload's {self.block_count(payload.shape)}")
-        start, stop = self.block_entries(payload.shape, lo, hi)
+        start, stop = self.chunk_entries(payload, lo, hi)
         bits = payload.buffers["bits"][start // 8 : -(-stop // 8)]
         return Payload({"bits": bits, "scales": payload.buffers["scales"][lo:hi]}, (stop - start,), payload.dtype)
-
-    def requantizer(self) -> Codec:
-        return self  # stateless
 
     def _counts(self, n: int, nb: int, device: torch.device) -> torch.Tensor:
         counts = torch.full((nb,), float(self.block_size), device=device)

@@ -35,7 +35,7 @@ import math
 
 import torch
 
-from locoswarm.compression.base import BufferSpec, Codec, Payload, check_block_size, numel, require
+from locoswarm.compression.base import BlockwiseCodec, BufferSpec, Codec, Payload, check_block_size, numel, require
 
 _MAX_INT32 = 2**31 - 1
 
@@ -85,7 +85,7 @@ class TopKCodec(Codec):
         return [("indices", torch.int32, k), ("values", dtype, k)]
 
 
-class BlockTopKCodec(Codec):
+class BlockTopKCodec(BlockwiseCodec):
     name = "blocktopk"
     reducible = True
 
@@ -143,24 +143,11 @@ class BlockTopKCodec(Codec):
         k = self.kept(numel(shape))
         return [("offsets", torch.int16, k), ("values", dtype, k)]
 
-    def block_count(self, shape: tuple[int, ...]) -> int:
-        return -(-numel(shape) // self.block_size)
-
-    def block_entries(self, shape: tuple[int, ...], lo: int, hi: int) -> tuple[int, int]:
-        n = numel(shape)
-        return min(lo * self.block_size, n), min(hi * self.block_size, n)
-
     def slice_blocks(self, payload: Payload, lo: int, hi: int) -> Payload:
-        if not 0 <= lo <= hi <= self.block_count(payload.shape):
-            raise ValueError(f"blocktopk: blocks [{lo}, {hi}) are outside the payload's "
-                             f"{self.block_count(payload.shape)}")  # fmt: skip
-        start, stop = self.block_entries(payload.shape, lo, hi)
+        start, stop = self.chunk_entries(payload, lo, hi)
         first, count = lo * self.per_block, self.kept(stop - start)  # every block before lo is a full one
         buffers = {key: b[first : first + count] for key, b in payload.buffers.items()}
         return Payload(buffers, (stop - start,), payload.dtype)
-
-    def requantizer(self) -> Codec:
-        return self  # stateless
 
 
 class RandomKCodec(Codec):
