@@ -23,7 +23,7 @@ from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
 from locoswarm.seeding import derive_seed
-from locoswarm.strategies import DDP, DiLoCo, EagerDiLoCo, Strategy, StreamingDiLoCo, fragment_indices
+from locoswarm.strategies import DDP, DiLoCo, EagerDiLoCo, NoLoCo, Strategy, StreamingDiLoCo, fragment_indices
 from locoswarm.timeline import Timeline
 from locoswarm.verify import LocalReplay, PeerReplay, Verifier
 from locoswarm.worker import Worker, WorkerGroup
@@ -123,6 +123,10 @@ def build_strategy(
         anchor = [p.detach().clone() for p in group.params(0)]
         return DiLoCo(group, averager, anchor, OuterOptimizer(anchor, cfg.outer_optimizer), a.inner_steps,
                       a.warmup_sync_steps, planner, timeline, a.outer_delay, verifier)  # fmt: skip
+    if name == AlgorithmName.noloco:
+        anchor = [p.detach().clone() for p in group.params(0)]
+        return NoLoCo(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.group_size, a.consensus,
+                      derive_seed(cfg.seed, "noloco"), a.warmup_sync_steps, planner, timeline)  # fmt: skip
     fragments = fragment_indices(names, a.fragments, a.fragment_pattern)
     return StreamingDiLoCo(group, averager, fragments, cfg.outer_optimizer, a.inner_steps, a.overlap_steps,
                            a.mixing, a.warmup_sync_steps, planner, timeline)  # fmt: skip

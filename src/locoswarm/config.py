@@ -27,6 +27,7 @@ class AlgorithmName(StrEnum):
     ddp = "ddp"
     diloco = "diloco"
     streaming_diloco = "streaming_diloco"
+    noloco = "noloco"
 
 
 class FragmentPattern(StrEnum):
@@ -160,6 +161,12 @@ class AlgorithmConfig:
     mixing: float = 0.0
     """streaming_diloco: alpha, the merge local := alpha * local + (1 - alpha) * global, in [0, 1] (0 = take the
     global fragment, as DiLoCo does)."""
+    group_size: int = 2
+    """noloco: workers per gossip group; after each phase the workers are split at random into groups this size
+    (1 <= group_size <= workers; = workers is diloco with every replica identical)."""
+    consensus: float = 1.0
+    """noloco: c, the pull of a replica towards its group's mean in the outer step, g = mean pseudo-gradient +
+    c * (replica - group mean) (c = 1: the NoLoCo authors' code; 0: groups share pseudo-gradients only)."""
 
 
 @dataclass
@@ -572,11 +579,21 @@ def validate(cfg: Config) -> Config:
          "eager updates stand in for a delayed average: set algorithm.outer_delay=1")  # fmt: skip
     need(a.outer_delay == 0 or AlgorithmName(a.name) == AlgorithmName.diloco, "algorithm.outer_delay",
          a.outer_delay, f"only algorithm=diloco uses it (algorithm={a.name})")  # fmt: skip
-    streaming_only = {"fragments": 1, "overlap_steps": 0, "mixing": 0.0}
-    if AlgorithmName(a.name) != AlgorithmName.streaming_diloco:
-        for key, default in streaming_only.items():
-            need(getattr(a, key) == default, f"algorithm.{key}", getattr(a, key),
-                 f"only algorithm=streaming_diloco uses it (algorithm={a.name})")  # fmt: skip
+    only = {AlgorithmName.streaming_diloco: {"fragments": 1, "overlap_steps": 0, "mixing": 0.0},
+            AlgorithmName.noloco: {"group_size": 2, "consensus": 1.0}}  # fmt: skip
+    for owner, keys in only.items():
+        if AlgorithmName(a.name) != owner:
+            for key, default in keys.items():
+                need(getattr(a, key) == default, f"algorithm.{key}", getattr(a, key),
+                     f"only algorithm={owner} uses it (algorithm={a.name})")  # fmt: skip
+    if AlgorithmName(a.name) == AlgorithmName.noloco:
+        need(1 <= a.group_size <= cfg.workers, "algorithm.group_size", a.group_size,
+             f"need 1 <= group_size <= workers={cfg.workers}")  # fmt: skip
+        need(a.consensus >= 0, "algorithm.consensus", a.consensus, "must be >= 0")
+        need(_enum_value(cfg.backend.name) == "sim", "algorithm", a.name,
+             "noloco runs on backend=sim so far (gossip groups over hivemind are issue 14's next step)")  # fmt: skip
+        need(f.byzantine == 0 and v.fraction == 0, "algorithm", a.name,
+             "noloco has no robust aggregation or verification yet (faults.byzantine, verify.fraction)")  # fmt: skip
     need(cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "must be >= 1")
     need(cfg.train.batch_size >= 1, "train.batch_size", cfg.train.batch_size, "must be >= 1")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
@@ -767,7 +784,8 @@ def to_dict(cfg: Any) -> Any:
 # hash and earlier runs keep their hashes (sweeps and reproductions reuse them).
 _LATER_KEYS = [
     ("algorithm", "outer_delay"), ("algorithm", "eager"), ("algorithm", "fragments"), ("algorithm", "fragment_pattern"),
-    ("algorithm", "overlap_steps"), ("algorithm", "mixing"), ("aggregator",), ("faults",), ("verify",),
+    ("algorithm", "overlap_steps"), ("algorithm", "mixing"), ("algorithm", "group_size"), ("algorithm", "consensus"),
+    ("aggregator",), ("faults",), ("verify",),
     ("backend", "allowed_peers"),
 ]  # fmt: skip
 

@@ -1,10 +1,12 @@
 """Synchronisation strategies: ``ddp`` (every step), ``diloco`` (every H steps, outer optimiser) and
-``streaming_diloco`` (one fragment at a time, overlapped with training)."""
+``streaming_diloco`` (one fragment at a time, overlapped with training) and ``noloco`` (gossip in random groups,
+no all-reduce)."""
 
 from locoswarm.strategies.base import RoundReport, Strategy
 from locoswarm.strategies.ddp import DDP
 from locoswarm.strategies.diloco import DiLoCo
 from locoswarm.strategies.eager import EagerDiLoCo
+from locoswarm.strategies.noloco import NoLoCo
 from locoswarm.strategies.streaming import StreamingDiLoCo, fragment_indices
 
-__all__ = ["DDP", "DiLoCo", "EagerDiLoCo", "RoundReport", "Strategy", "StreamingDiLoCo", "fragment_indices"]
+__all__ = ["DDP", "DiLoCo", "EagerDiLoCo", "NoLoCo", "RoundReport", "Strategy", "StreamingDiLoCo", "fragment_indices"]

@@ -1,0 +1,177 @@
+"""noloco: no all-reduce. After each phase a worker averages with a small random group (gossip) and steps its own
+replica with NoLoCo's outer step (Kolehmainen et al. 2025, "NoLoCo: No-all-reduce Low Communication Training").
+
+Every worker m keeps its own anchor φ_m (its replica of the outer model) and its own outer-optimiser state. After
+H inner steps, the workers are split at random into groups of ``algorithm.group_size`` (a fresh seeded partition
+every phase, the same on every peer). Each group averages, token-weighted, its members' pseudo-gradients
+Δ_j = φ_j − θ_j and their anchors φ_j (one round per group, over the group only), and every member steps
+
+    g_m = Δ̄_G + c·(φ_m − φ̄_G)          φ_m ← OuterOpt_m(φ_m, g_m)          (c = ``algorithm.consensus``)
+
+The second term is NoLoCo's modification: it pulls a replica towards its group's mean, so replicas that only ever
+meet a random partner still stay close. With outer SGD (lr β, momentum α) this is the paper's step
+δ_m = α δ_m − β Δ̄_G − β·c·(φ_m − φ̄_G), φ_m ← φ_m + δ_m (c = 1: the authors' code pulls with the outer lr);
+any outer optimiser applies (nesterov, the default, is "modified Nesterov").
+
+Identity (tests/test_noloco.py): with ``group_size`` = K every worker is in the one group, every anchor is the
+same, φ_m − φ̄ is zero to rounding, and the step is DiLoCo's with the same outer optimiser; nothing here treats
+that case apart.
+
+Groups exchange at the same time over disjoint links, so a phase's exchange lasts as long as its slowest group's
+(one booking on the timeline), and its bytes per worker are the mean over the workers that took part. The model
+evaluated is the first local worker's replica (a peer has no other); ``replica_spread`` in every sync row is the
+mean L2 distance of the replicas to their average (sim: every replica is in this process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from locoswarm.comm.base import DEFAULT_KEY, Averager, Round
+from locoswarm.config import OuterOptimizerConfig
+from locoswarm.faults import PhasePlanner
+from locoswarm.outer import OuterOptimizer
+from locoswarm.seeding import derive_seed
+from locoswarm.strategies.base import RoundReport, Strategy, pseudo_gradient_stats, tensor_norm
+from locoswarm.timeline import Timeline
+from locoswarm.worker import WorkerGroup
+
+
+def gossip_groups(ranks: Sequence[int], group_size: int, seed: int, phase: int) -> list[list[int]]:
+    """This phase's partition of ``ranks`` into groups of ``group_size`` (the last one smaller when it does not
+    divide): a permutation drawn from (seed, phase), so every peer that knows the ranks draws the same groups."""
+    if group_size < 1:
+        raise ValueError(f"algorithm.group_size={group_size} is invalid: need at least 1 worker per group")
+    g = torch.Generator().manual_seed(derive_seed(seed, "gossip", phase))
+    order = [ranks[i] for i in torch.randperm(len(ranks), generator=g).tolist()]
+    return [sorted(order[i : i + group_size]) for i in range(0, len(order), group_size)]
+
+
+def parallel_round(rounds: Sequence[Round], workers: int) -> Round:
+    """One phase's group rounds as one exchange: they ran side by side, so it lasts as long as the slowest, and a
+    worker's bytes are the mean over the ``workers`` of the phase (a round's bytes are per member)."""
+    members = sorted(r for rnd in rounds for r in rnd.members)
+    sent = sum(r.bytes_sent * r.group_size for r in rounds)
+    received = sum(r.bytes_received * r.group_size for r in rounds)
+    payload = sum(r.payload_bytes * r.group_size for r in rounds)
+    taking_part = max(1, sum(r.group_size for r in rounds))
+    return Round(
+        tensors=[],
+        group_size=max((r.group_size for r in rounds), default=0),
+        bytes_sent=sent / max(1, workers),
+        bytes_received=received / max(1, workers),
+        seconds=max((r.seconds for r in rounds), default=0.0),
+        compression_ratio=sum(r.compression_ratio * r.group_size for r in rounds) / taking_part,
+        payload_bytes=payload / taking_part,
+        total_weight=sum(r.total_weight for r in rounds),
+        allgather=any(r.allgather for r in rounds),
+        key=rounds[0].key if rounds else DEFAULT_KEY,
+        members=members,
+        rejected=dict(sorted({k: v for r in rounds for k, v in r.rejected.items()}.items())),
+    )
+
+
+class NoLoCo(Strategy):
+    def __init__(
+        self,
+        group: WorkerGroup,
+        averager: Averager,
+        anchor: Sequence[torch.Tensor],
+        outer: OuterOptimizerConfig,
+        inner_steps: int,
+        group_size: int = 2,
+        consensus: float = 1.0,
+        seed: int = 0,
+        warmup_sync_steps: int = 0,
+        planner: PhasePlanner | None = None,
+        timeline: Timeline | None = None,
+    ):
+        if inner_steps < 1:
+            raise ValueError(f"algorithm.inner_steps={inner_steps} is invalid: H must be >= 1")
+        if group_size < 1:
+            raise ValueError(f"algorithm.group_size={group_size} is invalid: need at least 1 worker per group")
+        super().__init__(group, averager, planner, timeline, inner_steps)
+        self.inner_steps, self.warmup_sync_steps = inner_steps, warmup_sync_steps
+        self.group_size, self.consensus, self.seed = group_size, consensus, seed
+        self.phases = 0  # phases synchronised so far: draws each phase's groups
+        # one anchor (replica) and one outer-optimiser state per local worker, stacked: (L, *shape); the outer
+        # optimisers are elementwise, so one over (L, *shape) tensors is L of them
+        self.anchors = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]
+        self.outer = OuterOptimizer(self.anchors, outer)
+
+    def round(self, remaining: int) -> RoundReport:
+        if self.group.step < self.warmup_sync_steps:
+            report = self._sync_round()
+            self._reset_anchors()  # the local phase starts from the warmed-up params
+            return report
+        phase = self._phase(remaining)
+        pseudo = self.group.pseudo_gradients_each(self.anchors)  # [(L, *shape)]
+        extras = pseudo_gradient_stats(pseudo)
+        weights = self.group.tokens_per_step() * torch.tensor(phase.plan.claims, dtype=torch.float64)
+        ranks = self.group.ranks
+        groups = gossip_groups(ranks, self.group_size, self.seed, self.phases)
+        self.phases += 1
+        n = len(pseudo)
+        started_at = self.timeline.now
+        # every group's round starts now, each over its members only (the others have weight 0 in it)
+        flights = []
+        for members in groups:
+            mask = torch.tensor([r in members for r in ranks], dtype=torch.float64)
+            if float((weights * mask).sum()) > 0:  # a group whose members all sat the phase out has nothing to say
+                flights.append((members, self.averager.start([*pseudo, *self.anchors], weights * mask,
+                                                             key=DEFAULT_KEY, ranks=ranks)))  # fmt: skip
+        update = [torch.zeros_like(p) for p in pseudo]
+        rounds = []
+        for members, handle in flights:
+            result = handle.wait()
+            rounds.append(result)
+            mean_pseudo, mean_anchor = result.tensors[:n], result.tensors[n:]
+            for j, r in enumerate(ranks):
+                if r in members:
+                    for u, d, a, mine in zip(update, mean_pseudo, mean_anchor, self.anchors, strict=True):
+                        u[j] = d + self.consensus * (mine[j] - a)
+        comm = parallel_round(rounds, len(ranks))
+        self.timeline.wait(self.timeline.exchange(started_at, comm.seconds))
+        self.outer.step(update)
+        self.group.load_params_each(self.anchors)
+        extras["outer_grad_norm"] = tensor_norm([u[0] for u in update])
+        extras.update(OuterOptimizer.norms([self.outer]))  # over the L stacked local optimisers
+        extras["replica_spread"] = self.replica_spread()
+        extras["gossip_groups"] = groups
+        return self._report(phase.steps, phase.losses, phase.seconds, [comm], True, comm.total_weight, extras)
+
+    @torch.no_grad()
+    def replica_spread(self) -> float:
+        """Mean over the local replicas of their L2 distance to the replicas' average."""
+        sq = sum(((a - a.mean(dim=0, keepdim=True)).double() ** 2).reshape(a.shape[0], -1).sum(dim=1)
+                 for a in self.anchors)  # fmt: skip
+        return float(torch.as_tensor(sq).sqrt().mean())
+
+    def _reset_anchors(self) -> None:
+        with torch.no_grad():
+            for i, a in enumerate(self.anchors):
+                a.copy_(torch.stack([self.group.params(j)[i] for j in range(self.group.size)]))
+
+    def global_params(self) -> list[torch.Tensor]:
+        """The first local worker's replica (replicas differ: ``replica_spread`` says by how much)."""
+        if self.group.step <= self.warmup_sync_steps:
+            return self.group.params(0)
+        return [a[0] for a in self.anchors]
+
+    def state_dict(self) -> dict:
+        return {
+            **super().state_dict(),
+            "anchors": [a.detach().clone() for a in self.anchors],
+            "outer": self.outer.state_dict(),
+            "phases": self.phases,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for a, s in zip(self.anchors, state["anchors"], strict=True):
+                a.copy_(s)
+        self.outer.load_state_dict(state["outer"])
+        self.phases = int(state["phases"])
