@@ -23,7 +23,16 @@ from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
 from locoswarm.seeding import derive_seed
-from locoswarm.strategies import DDP, DiLoCo, EagerDiLoCo, NoLoCo, Strategy, StreamingDiLoCo, fragment_indices
+from locoswarm.strategies import (
+    DDP,
+    AsyncDiLoCo,
+    DiLoCo,
+    EagerDiLoCo,
+    NoLoCo,
+    Strategy,
+    StreamingDiLoCo,
+    fragment_indices,
+)
 from locoswarm.timeline import Timeline
 from locoswarm.verify import LocalReplay, PeerReplay, Verifier
 from locoswarm.worker import Worker, WorkerGroup
@@ -123,6 +132,10 @@ def build_strategy(
         anchor = [p.detach().clone() for p in group.params(0)]
         return DiLoCo(group, averager, anchor, OuterOptimizer(anchor, cfg.outer_optimizer), a.inner_steps,
                       a.warmup_sync_steps, planner, timeline, a.outer_delay, verifier)  # fmt: skip
+    if name == AlgorithmName.async_diloco:
+        anchor = [p.detach().clone() for p in group.params(0)]
+        return AsyncDiLoCo(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.momentum_delay,
+                           a.dynamic_steps, a.warmup_sync_steps, planner, timeline)  # fmt: skip
     if name == AlgorithmName.noloco:
         anchor = [p.detach().clone() for p in group.params(0)]
         return NoLoCo(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.group_size, a.consensus,

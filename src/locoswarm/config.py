@@ -28,6 +28,7 @@ class AlgorithmName(StrEnum):
     diloco = "diloco"
     streaming_diloco = "streaming_diloco"
     noloco = "noloco"
+    async_diloco = "async_diloco"
 
 
 class FragmentPattern(StrEnum):
@@ -167,6 +168,12 @@ class AlgorithmConfig:
     consensus: float = 1.0
     """noloco: c, the pull of a replica towards its group's mean in the outer step, g = mean pseudo-gradient +
     c * (replica - group mean) (c = 1: the NoLoCo authors' code; 0: groups share pseudo-gradients only)."""
+    momentum_delay: int = 1
+    """async_diloco with outer nesterov: N, the momentum sees the mean of every N arriving updates, once per N
+    (delayed Nesterov, Liu et al. 2024); every update is applied at once without momentum. 1 = plain Nesterov."""
+    dynamic_steps: bool = False
+    """async_diloco: dynamic local updates, H per worker proportional to its speed in that phase, so the phases of
+    unequal workers end together (Liu et al. 2024)."""
 
 
 @dataclass
@@ -580,12 +587,24 @@ def validate(cfg: Config) -> Config:
     need(a.outer_delay == 0 or AlgorithmName(a.name) == AlgorithmName.diloco, "algorithm.outer_delay",
          a.outer_delay, f"only algorithm=diloco uses it (algorithm={a.name})")  # fmt: skip
     only = {AlgorithmName.streaming_diloco: {"fragments": 1, "overlap_steps": 0, "mixing": 0.0},
-            AlgorithmName.noloco: {"group_size": 2, "consensus": 1.0}}  # fmt: skip
+            AlgorithmName.noloco: {"group_size": 2, "consensus": 1.0},
+            AlgorithmName.async_diloco: {"momentum_delay": 1, "dynamic_steps": False}}  # fmt: skip
     for owner, keys in only.items():
         if AlgorithmName(a.name) != owner:
             for key, default in keys.items():
                 need(getattr(a, key) == default, f"algorithm.{key}", getattr(a, key),
                      f"only algorithm={owner} uses it (algorithm={a.name})")  # fmt: skip
+    if AlgorithmName(a.name) == AlgorithmName.async_diloco:
+        need(a.momentum_delay >= 1, "algorithm.momentum_delay", a.momentum_delay, "must be >= 1")
+        need(a.momentum_delay == 1 or _enum_value(cfg.outer_optimizer.name) == "nesterov", "algorithm.momentum_delay",
+             a.momentum_delay, "delays nesterov's momentum: needs outer_optimizer=nesterov")  # fmt: skip
+        need(a.time_budget is None, "algorithm.time_budget", a.time_budget,
+             "async_diloco sets each worker's steps itself (algorithm.dynamic_steps)")  # fmt: skip
+        need(_enum_value(cfg.backend.name) == "sim", "algorithm", a.name,
+             "async_diloco runs on backend=sim so far (a versioned global model over hivemind is issue 14's next step)")  # fmt: skip
+        need(f.byzantine == 0 and f.lazy == 0 and v.fraction == 0, "algorithm", a.name,
+             "async_diloco has no robust aggregation or verification yet (faults.byzantine, faults.lazy, "
+             "verify.fraction)")  # fmt: skip
     if AlgorithmName(a.name) == AlgorithmName.noloco:
         need(1 <= a.group_size <= cfg.workers, "algorithm.group_size", a.group_size,
              f"need 1 <= group_size <= workers={cfg.workers}")  # fmt: skip
@@ -785,6 +804,7 @@ def to_dict(cfg: Any) -> Any:
 _LATER_KEYS = [
     ("algorithm", "outer_delay"), ("algorithm", "eager"), ("algorithm", "fragments"), ("algorithm", "fragment_pattern"),
     ("algorithm", "overlap_steps"), ("algorithm", "mixing"), ("algorithm", "group_size"), ("algorithm", "consensus"),
+    ("algorithm", "momentum_delay"), ("algorithm", "dynamic_steps"),
     ("aggregator",), ("faults",), ("verify",),
     ("backend", "allowed_peers"),
 ]  # fmt: skip

@@ -156,6 +156,13 @@ class NetworkModel:
         # gossip
         return max(bits / min(links[a].up_bps, links[b].down_bps) + self._latency(a, b) for a, b in succ)
 
+    def push_pull_seconds(self, worker: int, push_bytes: float, pull_bytes: float) -> tuple[float, float]:
+        """(push, pull): one worker sends ``push_bytes`` to whoever holds the global model and fetches
+        ``pull_bytes`` back over its own link (asynchronous rounds; the holder's side is not the bottleneck)."""
+        link = self.links[worker]
+        scale = 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
+        return push_bytes * scale / link.up_bps + link.latency_s, pull_bytes * scale / link.down_bps + link.latency_s
+
     def round_seconds(self, payload_bytes: float) -> float:
         """Modelled time of one averaging of all workers (``comm_seconds`` over everyone)."""
         return self.comm_seconds(payload_bytes)

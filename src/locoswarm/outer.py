@@ -65,3 +65,55 @@ class OuterOptimizer:
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state)
+
+
+class DelayedNesterov:
+    """Delayed Nesterov (Liu et al. 2024, "Asynchronous Local-SGD Training for Language Modeling"), for updates
+    that arrive one worker at a time. Every update g is applied at once without momentum (anchor -= lr·g); the
+    momentum sees the mean of every ``delay`` updates, once per ``delay`` updates:
+
+        m <- β·m + mean(g over the last N updates);  anchor -= lr·β·m
+
+    so stale single-worker updates do not each get the momentum's acceleration. With N = 1 the two steps are
+    anchor -= lr·(g + β·m) with m = β·m + g: torch's Nesterov SGD (tests/test_async_diloco.py pins it).
+    Same interface as ``OuterOptimizer`` (step, norms, state)."""
+
+    def __init__(self, anchor: Sequence[torch.Tensor], cfg: OuterOptimizerConfig, delay: int):
+        if delay < 1:
+            raise ValueError(f"algorithm.momentum_delay={delay} is invalid: must be >= 1")
+        self.anchor = list(anchor)
+        self.lr, self.beta, self.delay = cfg.lr, cfg.momentum, delay
+        self.momentum = [torch.zeros_like(a) for a in self.anchor]
+        self.pending = [torch.zeros_like(a) for a in self.anchor]  # the sum of the updates since the last momentum
+        self.count = 0
+        self.update_sq = 0.0
+        self.momentum_sq: float | None = None
+
+    @torch.no_grad()
+    def step(self, pseudo_gradient: Sequence[torch.Tensor]) -> None:
+        if len(pseudo_gradient) != len(self.anchor):
+            raise ValueError(f"got {len(pseudo_gradient)} pseudo-gradients for {len(self.anchor)} anchor tensors")
+        before = [p.detach().clone() for p in self.anchor]
+        for p, g, acc in zip(self.anchor, pseudo_gradient, self.pending, strict=True):
+            p.add_(g.to(p.dtype), alpha=-self.lr)
+            acc.add_(g.to(acc.dtype))
+        self.count += 1
+        if self.count == self.delay:
+            for p, m, acc in zip(self.anchor, self.momentum, self.pending, strict=True):
+                m.mul_(self.beta).add_(acc, alpha=1.0 / self.delay)
+                p.add_(m, alpha=-self.lr * self.beta)
+                acc.zero_()
+            self.count = 0
+        self.update_sq = sum(float((p - b).double().pow(2).sum()) for p, b in zip(self.anchor, before, strict=True))
+        self.momentum_sq = sum(float(m.double().pow(2).sum()) for m in self.momentum)
+
+    def state_dict(self) -> dict:
+        return {"momentum": [m.clone() for m in self.momentum], "pending": [a.clone() for a in self.pending],
+                "count": self.count}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, s in zip(self.momentum, state["momentum"], strict=True):
+            m.copy_(s)
+        for a, s in zip(self.pending, state["pending"], strict=True):
+            a.copy_(s)
+        self.count = int(state["count"])

@@ -67,6 +67,13 @@ class Timeline:
         if not self.network.cfg.overlap:
             self.now = max(self.now, until)
 
+    def event(self, at: float, busy: float = 0.0, comm: float = 0.0) -> None:
+        """An event-driven strategy's clock (async_diloco): the run has reached ``at``; ``busy`` seconds of mean
+        worker compute and ``comm`` seconds of exchanges were booked with it."""
+        self.now = max(self.now, at)
+        self.busy += busy
+        self.comm += comm
+
     def drain(self) -> None:
         """The end of the run: everything still on the network is waited for."""
         self.now = max(self.now, self.network_free_at)

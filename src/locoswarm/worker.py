@@ -193,6 +193,11 @@ class WorkerGroup:
         return max(w.step for w in self.workers)
 
     @property
+    def steps(self) -> list[int]:
+        """Each worker's inner step count."""
+        return [w.step for w in self.workers]
+
+    @property
     def lr(self) -> float:
         """The inner learning rate worker 0 uses for its next step."""
         return self.workers[0].scheduler.get_last_lr()[0]
