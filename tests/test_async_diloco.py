@@ -11,6 +11,7 @@ import torch
 from helpers import final_params, max_rel_diff, tiny_config
 
 from locoswarm.build import build_group
+from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
 from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
@@ -52,7 +53,7 @@ def test_delayed_nesterov_applies_momentum_once_per_n_updates():
     dn.step([g1])
     torch.testing.assert_close(theta[0], -0.5 * g1)  # no momentum yet
     dn.step([g2])
-    m = (g1 + g2) / 2
+    m = g1 + g2  # the sum of the two (already share-weighted) updates
     torch.testing.assert_close(theta[0], -0.5 * g1 - 0.5 * g2 - 0.5 * 0.8 * m)
     dn.step([g3])
     torch.testing.assert_close(theta[0], -0.5 * (g1 + g2 + g3) - 0.5 * 0.8 * m)
@@ -112,6 +113,20 @@ def test_staleness_is_logged_per_arrival(tmp_path):
     assert len(arrivals) == 16  # 4 workers x 4 phases, every update applied once
     assert [a["staleness"] for a in arrivals[:4]] == [0, 1, 2, 3]  # phase 1: all land at once, in rank order
     assert [a["worker"] for a in arrivals[:4]] == [0, 1, 2, 3]
+    # phase 2: worker j pulled right after its own update (version j + 1) and lands after the 3 others' and its own
+    # phase-1 updates plus the phase-2 updates of the workers before it: 3 each
+    assert [a["staleness"] for a in arrivals[4:8]] == [3, 3, 3, 3]
+
+
+def test_batched_execution_gives_the_same_schedule(tmp_path):
+    """The schedule is on the modelled clock, so execution=batched and sequential land the same updates in the same
+    order; the numbers agree to float rounding."""
+    kw = dict(network__compute_speed=[1.0, 0.5, 0.75], workers=3, algorithm__dynamic_steps=True)
+    seq = train(_cfg(backend__execution="sequential", **kw), tmp_path / "seq")
+    bat = train(_cfg(backend__execution="batched", **kw), tmp_path / "bat")
+    assert _arrivals(tmp_path / "seq") == _arrivals(tmp_path / "bat")
+    assert bat["final_val_loss"] == pytest.approx(seq["final_val_loss"], rel=1e-4)
+    assert bat["sim_seconds"] == pytest.approx(seq["sim_seconds"], rel=1e-9)
 
 
 def test_unequal_speeds_and_dynamic_steps(tmp_path):
@@ -146,14 +161,26 @@ def test_resume_is_exact_with_phases_in_flight(tmp_path):
     assert resumed["final_val_loss"] == full["final_val_loss"]
     assert resumed["sim_seconds"] == pytest.approx(full["sim_seconds"], rel=1e-12)
     assert _arrivals(tmp_path / "cut") == _arrivals(tmp_path / "full")
+    for w in range(3):
+        assert max_rel_diff(final_params(tmp_path / "cut", w), final_params(tmp_path / "full", w)) == 0.0
+
+
+def test_a_checkpoint_holds_the_phases_in_flight(tmp_path):
+    kw = dict(network__compute_speed=[1.0, 0.5, 0.75], workers=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(**kw), tmp_path / "cut", stop_after_step=9)
+    state = load_checkpoint(tmp_path / "cut")["strategy"]
+    assert state["flights"] and all(f["arrives_at"] >= state["timeline"]["now"] for f in state["flights"])
 
 
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
         (dict(algorithm__name="async_diloco", algorithm__momentum_delay=0), "algorithm.momentum_delay"),
-        (dict(algorithm__name="async_diloco", algorithm__momentum_delay=2, outer_optimizer__name="sgd"),
-         "algorithm.momentum_delay"),  # fmt: skip
+        (
+            dict(algorithm__name="async_diloco", algorithm__momentum_delay=2, outer_optimizer__name="sgd"),
+            "algorithm.momentum_delay",
+        ),  # fmt: skip
         (dict(algorithm__name="diloco", algorithm__momentum_delay=2), "algorithm.momentum_delay"),
         (dict(algorithm__name="diloco", algorithm__dynamic_steps=True), "algorithm.dynamic_steps"),
         (dict(algorithm__name="async_diloco", algorithm__time_budget=1.0), "algorithm.time_budget"),
@@ -162,4 +189,4 @@ def test_resume_is_exact_with_phases_in_flight(tmp_path):
 )
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=rf"^{key}="):
-        validate(tiny_config(workers=4, **overrides))
+        validate(tiny_config(workers=4, **{"network__step_seconds": 0.01, **overrides}))

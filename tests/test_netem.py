@@ -220,6 +220,7 @@ def test_a_rerun_round_is_priced_as_one_more_exchange(tmp_path):
     log.write_text("round 3: group of 4\n[peer-0] round 3: the group's averages disagree (a part was lost); "
                    "re-running it\nround 4: group of 4\n")  # fmt: skip
     assert netem.count_reruns(log) == 1 and netem.count_reruns(tmp_path / "missing.log") == 0
+    assert netem.count_reruns(log, after_round=3) == 0  # a re-run of the round whose sync row starts the loop
     predicted = {"round_seconds": 18.0, "round_wire_bytes": 16e6, "loop_seconds": 72.0, "exchange_seconds": 18.0,
                  "sync_row_steps": [1, 2], "overlapped": False, "wire_bytes_per_peer": 1e8}  # fmt: skip
     measured = {

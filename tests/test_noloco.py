@@ -34,11 +34,13 @@ def _cfg(**kw):
     return tiny_config(**{**common, **kw})
 
 
-def test_one_group_of_every_worker_is_diloco(tmp_path):
+@pytest.mark.parametrize("execution", ["sequential", "batched"])
+def test_one_group_of_every_worker_is_diloco(tmp_path, execution):
     """group_size = K: one group, identical replicas, the consensus pull is zero to rounding; the rest is DiLoCo's
     step (warm-up and outer Nesterov included). It sends the replicas too, so only its bytes (twice) and the modelled time they take differ."""
-    diloco = train(_cfg(algorithm__name="diloco"), tmp_path / "diloco")
-    noloco = train(_cfg(algorithm__name="noloco", algorithm__group_size=4), tmp_path / "noloco")
+    diloco = train(_cfg(algorithm__name="diloco", backend__execution=execution), tmp_path / "diloco")
+    noloco = train(_cfg(algorithm__name="noloco", algorithm__group_size=4, backend__execution=execution),
+                   tmp_path / "noloco")  # fmt: skip
     assert diloco["status"] == noloco["status"] == "ok"
     for key in SAME:
         assert noloco[key] == pytest.approx(diloco[key], rel=1e-6), key
@@ -46,7 +48,7 @@ def test_one_group_of_every_worker_is_diloco(tmp_path):
     warm = sum(r["bytes_sent"] for r in ref if r["step"] <= 2)  # the warm-up steps average gradients alike
     assert warm > 0
     assert noloco["bytes_sent_total"] - warm == pytest.approx(2 * (diloco["bytes_sent_total"] - warm), rel=1e-9)
-    for w in range(4):
+    for w in range(4) if execution == "sequential" else ():  # (a batched group checkpoints stacked params)
         assert max_rel_diff(final_params(tmp_path / "noloco", w), final_params(tmp_path / "diloco", w)) <= 1e-6
     assert [r["step"] for r in got] == [r["step"] for r in ref]
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
@@ -122,6 +124,27 @@ def test_gossip_steps_match_a_hand_computed_sequence():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_a_diverged_member_gets_its_group_a_zero_update_not_a_zero_mean():
+    """Worker 1's params turn NaN before a phase: its group's round (summed on the wire) is rejected whole, and that
+    group's replicas stay where they were (outer SGD without momentum), finite; the other group steps."""
+    cfg = tiny_config(workers=4, backend__execution="sequential")
+    group = _group(cfg)
+    averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 4))
+    anchor = [p.detach().clone() for p in group.params(0)]
+    strategy = NoLoCo(group, averager, anchor, OuterOptimizerConfig(name="sgd", lr=0.7, momentum=0.0), inner_steps=2,
+                      group_size=2, seed=3)  # fmt: skip
+    with torch.no_grad():
+        group.params(1)[0].fill_(float("nan"))
+    before = [a.clone() for a in strategy.anchors]
+    report = strategy.round(2)
+    (bad,) = [g for g in report.extras["gossip_groups"] if 1 in g]
+    assert set(report.comm.rejected) == set(bad)
+    for j in range(4):
+        moved = max(float((a[j] - b[j]).abs().max()) for a, b in zip(strategy.anchors, before, strict=True))
+        assert (moved == 0.0) == (j in bad), j
+        assert all(bool(torch.isfinite(p).all()) for p in group.params(j))
+
+
 def test_resume_is_exact(tmp_path):
     cfg = dict(algorithm__name="noloco", workers=4, train__max_steps=16, algorithm__warmup_sync_steps=0)
     full = train(_cfg(**cfg), tmp_path / "full")
@@ -143,6 +166,8 @@ def test_resume_is_exact(tmp_path):
         (dict(algorithm__name="noloco", algorithm__consensus=-1.0), "algorithm.consensus"),
         (dict(algorithm__name="diloco", algorithm__group_size=3), "algorithm.group_size"),
         (dict(algorithm__name="noloco", backend__name="hivemind"), "algorithm"),
+        (dict(algorithm__name="noloco", compression__name="int8"), "compression"),
+        (dict(algorithm__name="noloco", aggregator__name="median"), "aggregator"),
     ],
 )
 def test_bad_values_name_the_key(overrides, key):

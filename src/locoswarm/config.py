@@ -169,8 +169,9 @@ class AlgorithmConfig:
     """noloco: c, the pull of a replica towards its group's mean in the outer step, g = mean pseudo-gradient +
     c * (replica - group mean) (c = 1: the NoLoCo authors' code; 0: groups share pseudo-gradients only)."""
     momentum_delay: int = 1
-    """async_diloco with outer nesterov: N, the momentum sees the mean of every N arriving updates, once per N
-    (delayed Nesterov, Liu et al. 2024); every update is applied at once without momentum. 1 = plain Nesterov."""
+    """async_diloco with outer nesterov: N, the momentum takes every N arriving updates together, once per N
+    (delayed Nesterov, Liu et al. 2024); every update is applied at once without momentum. 1 = plain Nesterov;
+    N = workers gives the momentum one round's worth of updates."""
     dynamic_steps: bool = False
     """async_diloco: dynamic local updates, H per worker proportional to its speed in that phase, so the phases of
     unequal workers end together (Liu et al. 2024)."""
@@ -354,8 +355,9 @@ class BackendConfig:
     """hivemind: a peer that sends nothing for this many seconds mid-all-reduce is dropped from the round
     (liveness, per 512 KB part; a killed peer's closed connection is noticed immediately)."""
     join_timeout: float | None = None
-    """hivemind: how long a joining peer waits to download the swarm's state; null = derived from the round
-    period the swarm advertises."""
+    """hivemind: how long a joining peer waits to download the swarm's state; null = the longest of 60 s,
+    first_round_timeout (a round in progress may stall that long before the boundary where state is served) and
+    deadline_margin x 2 round periods the swarm advertises."""
     allreduce: AllReduce = AllReduce.butterfly
     """hivemind: how an uncompressed (fp32) round is averaged once matchmaking has formed the group: butterfly
     (hivemind's DecentralizedAverager all-reduce) or mailbox (locoswarm's reduce-scatter over hivemind's P2P,
@@ -609,6 +611,11 @@ def validate(cfg: Config) -> Config:
         need(1 <= a.group_size <= cfg.workers, "algorithm.group_size", a.group_size,
              f"need 1 <= group_size <= workers={cfg.workers}")  # fmt: skip
         need(a.consensus >= 0, "algorithm.consensus", a.consensus, "must be >= 0")
+        need(_enum_value(cfg.compression.name) == "none", "compression", _enum_value(cfg.compression.name),
+             "noloco averages the replicas (weights) with the pseudo-gradients: a lossy codec would pull every "
+             "replica towards a distorted mean, so it needs compression=none so far")  # fmt: skip
+        need(_enum_value(cfg.aggregator.name) == "mean", "aggregator", _enum_value(cfg.aggregator.name),
+             "noloco needs aggregator=mean so far (a robust rule would screen replicas by pseudo-gradient norms)")  # fmt: skip
         need(_enum_value(cfg.backend.name) == "sim", "algorithm", a.name,
              "noloco runs on backend=sim so far (gossip groups over hivemind are issue 14's next step)")  # fmt: skip
         need(f.byzantine == 0 and v.fraction == 0, "algorithm", a.name,

@@ -70,13 +70,15 @@ class OuterOptimizer:
 class DelayedNesterov:
     """Delayed Nesterov (Liu et al. 2024, "Asynchronous Local-SGD Training for Language Modeling"), for updates
     that arrive one worker at a time. Every update g is applied at once without momentum (anchor -= lr·g); the
-    momentum sees the mean of every ``delay`` updates, once per ``delay`` updates:
+    momentum takes the last ``delay`` updates together, once per ``delay`` updates:
 
-        m <- β·m + mean(g over the last N updates);  anchor -= lr·β·m
+        m <- β·m + sum(g over the last N updates);  anchor -= lr·β·m
 
-    so stale single-worker updates do not each get the momentum's acceleration. With N = 1 the two steps are
-    anchor -= lr·(g + β·m) with m = β·m + g: torch's Nesterov SGD (tests/test_async_diloco.py pins it).
-    Same interface as ``OuterOptimizer`` (step, norms, state)."""
+    so stale single-worker updates do not each get the momentum's acceleration. The updates are already weighted
+    by their share of a round (async_diloco: 1/K each at equal speeds), so with N = K the momentum sees one
+    round's average, as DiLoCo's does (Liu et al. write it with unweighted updates: their mean over N). With N = 1
+    the two steps are anchor -= lr·(g + β·m) with m = β·m + g: torch's Nesterov SGD (tests/test_async_diloco.py
+    pins it). Same interface as ``OuterOptimizer`` (step, norms, state)."""
 
     def __init__(self, anchor: Sequence[torch.Tensor], cfg: OuterOptimizerConfig, delay: int):
         if delay < 1:
@@ -84,7 +86,7 @@ class DelayedNesterov:
         self.anchor = list(anchor)
         self.lr, self.beta, self.delay = cfg.lr, cfg.momentum, delay
         self.momentum = [torch.zeros_like(a) for a in self.anchor]
-        self.pending = [torch.zeros_like(a) for a in self.anchor]  # the sum of the updates since the last momentum
+        self.pending = [torch.zeros_like(a) for a in self.anchor]  # the sum of the updates since the momentum's last
         self.count = 0
         self.update_sq = 0.0
         self.momentum_sq: float | None = None
@@ -100,7 +102,7 @@ class DelayedNesterov:
         self.count += 1
         if self.count == self.delay:
             for p, m, acc in zip(self.anchor, self.momentum, self.pending, strict=True):
-                m.mul_(self.beta).add_(acc, alpha=1.0 / self.delay)
+                m.mul_(self.beta).add_(acc)
                 p.add_(m, alpha=-self.lr * self.beta)
                 acc.zero_()
             self.count = 0

@@ -1159,7 +1159,11 @@ class HivemindAverager(Averager):
         if others:
             swarm_round = max(r["round"] for r in others)
             period = max(float(r.get("period") or 0.0) for r in others)
-            timeout = self.cfg.join_timeout or max(60.0, self.cfg.deadline_margin * 2 * period)
+            # State is served at the swarm's next round boundary, and the round in progress may stall for up to its
+            # all-reduce allowance first (first_round_timeout before anything is measured): CI once saw a joiner
+            # give up after 60 s while its swarm's round 2 took 62 s to fail and resync.
+            timeout = self.cfg.join_timeout or max(60.0, self.cfg.first_round_timeout,
+                                                   self.cfg.deadline_margin * 2 * period)  # fmt: skip
             log.info("joining a swarm at round %d: downloading its state (up to %.0fs)", swarm_round, timeout)
             self.in_sync = False
             if not self._download(min_round=swarm_round, timeout=timeout):

@@ -23,12 +23,15 @@ with its arrival time, and applied at that time. A round of this strategy runs e
 has trained further (so every round moves ``group.step``); when the step budget is reached no new phase starts and
 every phase in flight is applied, in arrival order. The model evaluated is the global φ.
 
-On sim the pull is the fp32 model (4 bytes per parameter); the push is the codec's payload.
+On sim the pull is the fp32 model (4 bytes per parameter); the push is the codec's payload. The schedule is
+deterministic for a seed when ``network.step_seconds`` is set (conf/experiment/heterogeneous.yaml sets it); with
+it null a phase lasts what this machine measured, so the order of arrivals, and the numbers, vary run to run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +45,8 @@ from locoswarm.outer import DelayedNesterov, OuterOptimizer
 from locoswarm.strategies.base import RoundReport, Strategy, tensor_norm
 from locoswarm.timeline import Timeline
 from locoswarm.worker import WorkerGroup
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,9 +99,13 @@ class AsyncDiLoCo(Strategy):
         self.version = 0  # updates applied to φ so far
         # what each worker pulled: (L, *shape); its pseudo-gradient is pulled − params at the end of its phase
         self.pulled = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]
-        self.phase_of = [0] * group.size  # each worker's phase number (its fault-schedule round)
+        self.phase_of = [0] * group.size  # each worker's phase number (its fault-schedule round): set at the start
+        self.pulled_version = [0] * group.size  # the version of φ each worker last pulled
         self.flights: list[_Flight] = []
         self.started = False
+        if self.planner.network.cfg.step_seconds is None:
+            log.warning("async_diloco with network.step_seconds=null: arrivals are ordered by this machine's measured "
+                        "step times, so a run is not reproducible bit for bit; set network.step_seconds")  # fmt: skip
 
     # ------------------------------------------------------------------ a round: events until group.step moves
     def round(self, remaining: int) -> RoundReport:
@@ -104,11 +113,13 @@ class AsyncDiLoCo(Strategy):
             return self._sync_round()
         budget = self.group.step + remaining
         before = self.group.step
-        losses: dict[int, dict[int, float]] = {}  # worker -> its own step -> loss
+        losses: dict[int, list[float]] = {}  # worker -> the losses of the phases it started in this round
         seconds = [0.0] * self.group.size
         arrivals, comms = [], []
         if not self.started:  # the first phase of every worker starts from the (warmed-up) global model
             self.started = True
+            # the fault schedule's rounds go on from the warm-up's, as every strategy's do (same seed, same faults)
+            self.phase_of = [self.planner.round] * self.group.size
             with torch.no_grad():
                 for a, p in zip(self.anchor, self.group.params(0), strict=True):
                     a.copy_(p)
@@ -120,12 +131,16 @@ class AsyncDiLoCo(Strategy):
             while self.flights:
                 self._arrive(budget, losses, seconds, arrivals, comms, drain=True)
         steps = self.group.step - before
-        rows = [[losses.get(j, {}).get(before + i + 1, math.nan) for j in range(self.group.size)] for i in range(steps)]
-        extras = {"arrivals": arrivals, "staleness": sum(a["staleness"] for a in arrivals) / max(1, len(arrivals))}
-        extras["outer_grad_norm"] = self._last_update_norm
-        extras.update(OuterOptimizer.norms([self.outer]))
+        # row i: the i-th step of every phase started in this round (a lagging worker's steps are not the leader's)
+        rows = [[losses[j][i] if i < len(losses.get(j, ())) else math.nan for j in range(self.group.size)]
+                for i in range(steps)]  # fmt: skip
+        extras: dict = {"arrivals": arrivals}
+        if arrivals:
+            extras["staleness"] = sum(a["staleness"] for a in arrivals) / len(arrivals)
+            extras["outer_grad_norm"] = self._last_update_norm
+            extras.update(OuterOptimizer.norms([self.outer]))
         tokens = sum(c.total_weight for c in comms)
-        return self._report(steps, rows, seconds, comms, bool(comms), tokens, extras)
+        return self._report(steps, rows, seconds, comms, bool(arrivals), tokens, extras)
 
     def _arrive(self, budget, losses, seconds, arrivals, comms, drain: bool = False) -> None:
         """Apply every update that arrives at the earliest arrival time (rank order), then restart those workers."""
@@ -142,7 +157,7 @@ class AsyncDiLoCo(Strategy):
                 arrivals.append({"worker": self.group.ranks[f.worker], "staleness": self.version - f.version,
                                  "steps": f.steps})  # fmt: skip
                 self.version += 1
-                comms.append(f.comm)
+            comms.append(f.comm)  # an absent worker's phase: only its pull (of the model it rejoins with)
             self._pull([f.worker])
             if not drain and self.group.steps[f.worker] < budget:
                 restart[f.worker] = at + f.pull_seconds
@@ -158,6 +173,7 @@ class AsyncDiLoCo(Strategy):
             for j in workers:
                 for p, a in zip(self.pulled, self.anchor, strict=True):
                     p[j].copy_(a)
+                self.pulled_version[j] = self.version
         self.group.load_params_each(self.pulled)  # only the pulled rows changed; the others reload their own
 
     def _begin(self, starts: dict[int, float], budget: int, losses, seconds) -> None:
@@ -177,12 +193,10 @@ class AsyncDiLoCo(Strategy):
             if self.dynamic_steps:
                 h = max(1, round(self.inner_steps * network.speed(r) / slowdown[j] / fastest))
             counts.append(min(h, budget - self.group.steps[j]))
-        own = self.group.steps
         step_losses, measured = self.group.inner_steps(max(counts, default=0), counts)
         self.planner.observe(counts, measured)
         for j, c in enumerate(counts):
-            for i in range(c):
-                losses.setdefault(j, {})[own[j] + i + 1] = step_losses[i][j]
+            losses.setdefault(j, []).extend(step_losses[i][j] for i in range(c))
             seconds[j] += measured[j]
         plan = PhasePlan(round=0, ranks=list(ranks), counts=counts, slowdown=slowdown, present=present)
         modelled = network.worker_compute_seconds(plan, measured)
@@ -195,10 +209,11 @@ class AsyncDiLoCo(Strategy):
             r = ranks[j]
             if counts[j] == 0:  # absent this phase (churn) or out of budget: back after one nominal phase
                 idle = self.inner_steps * base * slowdown[j] / network.speed(r)
-                empty = Round(
-                    tensors=[], group_size=0, bytes_sent=0.0, bytes_received=0.0, seconds=0.0, key=DEFAULT_KEY
-                )
-                self.flights.append(_Flight(j, self.version, start + idle, 0.0, 0, 0.0, [], empty))
+                _, pull = network.push_pull_seconds(r, 0.0, model_bytes)
+                rejoin = Round(tensors=[], group_size=0, bytes_sent=0.0, bytes_received=model_bytes / self.group.size,
+                               seconds=pull, key=DEFAULT_KEY)  # fmt: skip
+                self.flights.append(_Flight(j, self.pulled_version[j], start + idle, pull, 0, 0.0, [], rejoin))
+                self.timeline.event(self.timeline.now, comm=pull / self.group.size)
                 continue
             mask = torch.zeros_like(weights)
             mask[j] = 1.0
@@ -207,9 +222,9 @@ class AsyncDiLoCo(Strategy):
             L = self.group.size
             comm = dataclasses.replace(result, tensors=[], bytes_sent=result.payload_bytes / L,
                                        bytes_received=model_bytes / L, seconds=push + pull)  # fmt: skip
-            self.flights.append(_Flight(j, self.version, start + modelled[j] + push, pull, counts[j],
+            self.flights.append(_Flight(j, self.pulled_version[j], start + modelled[j] + push, pull, counts[j],
                                         float(weights[j]), [t.clone() for t in result.tensors], comm))  # fmt: skip
-            self.timeline.event(self.timeline.now, busy=modelled[j] / L, comm=push + pull)
+            self.timeline.event(self.timeline.now, busy=modelled[j] / L, comm=(push + pull) / L)  # per-worker means
 
     def global_params(self) -> list[torch.Tensor]:
         if not self.started:
@@ -224,6 +239,8 @@ class AsyncDiLoCo(Strategy):
             "version": self.version,
             "pulled": [p.clone() for p in self.pulled],
             "phase_of": list(self.phase_of),
+            "pulled_version": list(self.pulled_version),
+            "last_update_norm": self._last_update_norm,
             "flights": [f.state_dict() for f in self.flights],
             "started": self.started,
         }
@@ -237,4 +254,5 @@ class AsyncDiLoCo(Strategy):
                 p.copy_(s)
         self.outer.load_state_dict(state["outer"])
         self.version, self.phase_of, self.started = int(state["version"]), list(state["phase_of"]), state["started"]
+        self.pulled_version, self._last_update_norm = list(state["pulled_version"]), state["last_update_norm"]
         self.flights = [_Flight.from_state(s) for s in state["flights"]]

@@ -17,6 +17,11 @@ Identity (tests/test_noloco.py): with ``group_size`` = K every worker is in the 
 same, φ_m − φ̄ is zero to rounding, and the step is DiLoCo's with the same outer optimiser; nothing here treats
 that case apart.
 
+A group whose round is rejected whole (a non-finite sum: a diverged member) gets a zero update, as diloco does; a
+group whose members all sat the phase out (churn) exchanges nothing and gets a zero update too (momentum still
+moves their replicas, as it moves diloco's anchor). The replicas are averaged uncompressed (``compression=none`` is
+required so far: a lossy codec would pull every replica towards a distorted mean).
+
 Groups exchange at the same time over disjoint links, so a phase's exchange lasts as long as its slowest group's
 (one booking on the timeline), and its bytes per worker are the mean over the workers that took part. The model
 evaluated is the first local worker's replica (a peer has no other); ``replica_spread`` in every sync row is the
@@ -49,9 +54,9 @@ def gossip_groups(ranks: Sequence[int], group_size: int, seed: int, phase: int) 
     return [sorted(order[i : i + group_size]) for i in range(0, len(order), group_size)]
 
 
-def parallel_round(rounds: Sequence[Round], workers: int) -> Round:
+def parallel_round(rounds: Sequence[Round]) -> Round:
     """One phase's group rounds as one exchange: they ran side by side, so it lasts as long as the slowest, and a
-    worker's bytes are the mean over the ``workers`` of the phase (a round's bytes are per member)."""
+    worker's bytes are the mean over the workers that took part (a round's bytes are per member, as the sim's)."""
     members = sorted(r for rnd in rounds for r in rnd.members)
     sent = sum(r.bytes_sent * r.group_size for r in rounds)
     received = sum(r.bytes_received * r.group_size for r in rounds)
@@ -60,8 +65,8 @@ def parallel_round(rounds: Sequence[Round], workers: int) -> Round:
     return Round(
         tensors=[],
         group_size=max((r.group_size for r in rounds), default=0),
-        bytes_sent=sent / max(1, workers),
-        bytes_received=received / max(1, workers),
+        bytes_sent=sent / taking_part,
+        bytes_received=received / taking_part,
         seconds=max((r.seconds for r in rounds), default=0.0),
         compression_ratio=sum(r.compression_ratio * r.group_size for r in rounds) / taking_part,
         payload_bytes=payload / taking_part,
@@ -127,12 +132,14 @@ class NoLoCo(Strategy):
         for members, handle in flights:
             result = handle.wait()
             rounds.append(result)
+            if not result.members or set(members) <= set(result.rejected):
+                continue  # the whole round was rejected (a non-finite sum): a zero update, as diloco's, not a zero mean
             mean_pseudo, mean_anchor = result.tensors[:n], result.tensors[n:]
             for j, r in enumerate(ranks):
                 if r in members:
                     for u, d, a, mine in zip(update, mean_pseudo, mean_anchor, self.anchors, strict=True):
                         u[j] = d + self.consensus * (mine[j] - a)
-        comm = parallel_round(rounds, len(ranks))
+        comm = parallel_round(rounds)
         self.timeline.wait(self.timeline.exchange(started_at, comm.seconds))
         self.outer.step(update)
         self.group.load_params_each(self.anchors)

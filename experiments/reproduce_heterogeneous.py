@@ -1,0 +1,165 @@
+"""Synchronous DiLoCo, async_diloco and noloco on the same heterogeneous swarm: simulated time to reach synchronous
+DiLoCo's final loss, final loss, bytes, staleness and replica spread.
+
+    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous            # 18 runs, ~10 CPU-minutes
+    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous --report-only
+
+The swarm is ``experiment=heterogeneous`` (conf/experiment/heterogeneous.yaml): 4 workers whose speeds spread 4x
+(1.0, 0.6, 0.25, 0.4), network=heterogeneous's mixed links, 5% churn per phase, a modelled 20 ms step at speed 1.
+The model, data and schedule are reproduce_diloco.py's ci scale (2-layer d=64 GPT on Shakespeare, H=18 after a
+60-step synchronous warm-start). Variants:
+
+- diloco:          synchronous DiLoCo: every phase waits for the slowest worker (the reference and the target);
+- async:           async_diloco, plain Nesterov on every arrival, fixed H (Liu et al. 2024's naive baseline);
+- async-dn:        with delayed Nesterov, momentum_delay = K (the momentum sees one round's worth of updates);
+- async-dylu:      with dynamic local updates (H per worker proportional to its speed);
+- async-dn-dylu:   with both (Liu et al.'s method);
+- noloco:          NoLoCo, random pairs, consensus 1 (its phases still wait for the slowest worker).
+
+Equal work, not equal steps: an asynchronous run's step budget counts the furthest (fastest) worker's steps, so it
+gets max_steps scaled by K / sum(speed / fastest speed) after the warm-start (the slow workers then train about as
+many tokens in all as in the synchronous run); ``tokens`` in the table says what each variant trained. The target
+of a seed is synchronous DiLoCo's final validation loss on that seed; time to target is the simulated time of the
+first evaluation at or below it (evaluations every 6 steps of the furthest worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from reproduce_diloco import SCALES, SEP, RunSpec, run_all  # noqa: E402
+
+SPEEDS = [1.0, 0.6, 0.25, 0.4]  # conf/experiment/heterogeneous.yaml's network.compute_speed
+VARIANTS: dict[str, list[str]] = {
+    "diloco": ["algorithm=diloco"],
+    "async": ["algorithm=async_diloco"],
+    "async-dn": ["algorithm=async_diloco", "algorithm.momentum_delay=4"],
+    "async-dylu": ["algorithm=async_diloco", "algorithm.dynamic_steps=true"],
+    "async-dn-dylu": ["algorithm=async_diloco", "algorithm.momentum_delay=4", "algorithm.dynamic_steps=true"],
+    "noloco": ["algorithm=noloco"],
+}
+
+
+def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
+    scale = SCALES["ci"]
+    steps = max_steps or scale.max_steps
+    f = steps / scale.max_steps
+    warm, H = max(1, round(scale.warmup_sync * f)), max(1, round(scale.H * f))
+    async_steps = warm + math.ceil((steps - warm) * len(SPEEDS) / sum(s / max(SPEEDS) for s in SPEEDS))
+    base = [
+        *scale.model, *scale.data, *[o for o in scale.train if not o.startswith("train.log_interval=")],
+        "train.log_interval=6", "experiment=heterogeneous", "outer_optimizer=nesterov", "compression=none",
+        f"workers={len(SPEEDS)}", f"train.eval_interval={max(1, round(6 * f))}",
+    ]  # fmt: skip
+    runs = []
+    for variant, overrides in VARIANTS.items():
+        budget = async_steps if variant.startswith("async") else steps
+        algo = [*overrides, f"algorithm.inner_steps={H}", f"algorithm.warmup_sync_steps={warm}"]
+        for seed in range(seeds):
+            runs.append(RunSpec(f"{variant}-s{seed}", variant, ["heterogeneous"], seed,
+                                [*base, *algo, f"train.max_steps={budget}", f"seed={seed}", f"name={variant}"]))  # fmt: skip
+    return runs
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def table(out: Path, seeds: int) -> tuple[str, dict]:
+    """The study's table (markdown) and its numbers, from the run dirs."""
+    runs = out / "runs"
+    target = {}
+    for s in range(seeds):
+        summary = runs / f"diloco-s{s}" / "summary.json"
+        if summary.exists():
+            target[s] = json.loads(summary.read_text())["final_val_loss"]
+    numbers: dict[str, dict] = {}
+    for variant in VARIANTS:
+        times, finals, mb, tokens, stale, spread, span, reached = [], [], [], [], [], [], [], 0
+        for s in range(seeds):
+            d = runs / f"{variant}-s{s}"
+            if not (d / "summary.json").exists():
+                continue
+            summary = json.loads((d / "summary.json").read_text())
+            rows = _rows(d)
+            finals.append(summary["final_val_loss"])
+            span.append(summary["sim_seconds"])
+            mb.append(summary["bytes_sent_total"] / 1e6)
+            tokens.append(summary["tokens"])
+            arrivals = [a["staleness"] for r in rows for a in r.get("arrivals", [])]
+            if arrivals:
+                stale.append(statistics.mean(arrivals))
+            spreads = [r["replica_spread"] for r in rows if "replica_spread" in r]
+            if spreads:
+                spread.append(spreads[-1])
+            hit = next((r["sim_seconds"] for r in rows if "val_loss" in r and s in target
+                        and r["val_loss"] <= target[s] + 1e-12), None)  # fmt: skip
+            if hit is not None:
+                reached += 1
+                times.append(hit)
+        numbers[variant] = {"seeds": len(finals), "reached": reached, "time_to_target": times, "final": finals,
+                            "mb_per_worker": mb, "tokens": tokens, "sim_seconds": span, "staleness": stale, "replica_spread": spread}  # fmt: skip
+    head = ("| variant | reached target | time to target (sim s) | run (sim s) | final val loss | MB sent / worker "
+            "| tokens (M) | mean staleness | replica spread |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+    lines = [head]
+    for variant, n in numbers.items():
+        if not n["seeds"]:
+            continue
+        t = n["time_to_target"]
+        stale = f"{statistics.mean(n['staleness']):.2f}" if n["staleness"] else "-"
+        spread = f"{statistics.mean(n['replica_spread']):.4f}" if n["replica_spread"] else "-"
+        lines.append(f"| {variant} | {n['reached']}/{n['seeds']} | {_mean_sd(t) if t else 'never'} | "
+                     f"{statistics.mean(n['sim_seconds']):.2f} | {_mean_sd(n['final'])} | {statistics.mean(n['mb_per_worker']):.2f} | "
+                     f"{statistics.mean(n['tokens']) / 1e6:.3f} | {stale} | {spread} |")  # fmt: skip
+    return "\n".join(lines), numbers
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="output folder (runs/, plan.json, report/)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    p.add_argument("--max-steps", type=int, default=None, help="shrink the runs to this many steps (tests)")
+    p.add_argument("--data", default=None, help="replace the data overrides, e.g. synthetic (offline tests)")
+    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default 2)")
+    p.add_argument("--report-only", action="store_true", help="only rebuild the table")
+    p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
+    args = p.parse_args(argv)
+    runs = plan(args.seeds, args.max_steps)
+    if args.data is not None:
+        for r in runs:
+            r.overrides = [o for o in r.overrides if not o.startswith("data=")] + [f"data={args.data}"]
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps({"speeds": SPEEDS, "runs": [r.__dict__ for r in runs]}, indent=2) + "\n")
+    print(f"{SEP}\nheterogeneous swarm (speeds {SPEEDS}, churn 5%): {len(runs)} runs -> {out / 'runs'}\n{SEP}")
+    if not args.report_only:
+        results = run_all(runs, out, not args.no_progress, args.jobs, 1)
+        failed = [k for k, s in results.items() if s.get("status") != "ok"]
+        if failed:
+            print(f"{len(failed)} runs failed: {', '.join(failed)} (see their summary.json); re-run to retry them")
+    text, numbers = table(out, args.seeds)
+    report = out / "report"
+    report.mkdir(exist_ok=True)
+    (report / "heterogeneous.md").write_text(text + "\n")
+    (report / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n")
+    print(f"{SEP}\n{text}\n{SEP}\ntable and numbers: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
