@@ -1,7 +1,7 @@
 """Synchronous DiLoCo, async_diloco and noloco on the same heterogeneous swarm: simulated time to reach synchronous
 DiLoCo's final loss, final loss, bytes, staleness and replica spread.
 
-    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous            # 18 runs, ~10 CPU-minutes
+    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous            # 33 runs, ~5 min on 2 cores
     python experiments/reproduce_heterogeneous.py --out runs/heterogeneous --report-only
 
 The swarm is ``experiment=heterogeneous`` (conf/experiment/heterogeneous.yaml): 4 workers whose speeds spread 4x
@@ -18,9 +18,11 @@ The model, data and schedule are reproduce_diloco.py's ci scale (2-layer d=64 GP
 
 Equal work, not equal steps: an asynchronous run's step budget counts the furthest (fastest) worker's steps, so it
 gets max_steps scaled by K / sum(speed / fastest speed) after the warm-start (the slow workers then train about as
-many tokens in all as in the synchronous run); ``tokens`` in the table says what each variant trained. The target
-of a seed is synchronous DiLoCo's final validation loss on that seed; time to target is the simulated time of the
-first evaluation at or below it (evaluations every 6 steps of the furthest worker).
+many tokens in all as in the synchronous run); ``tokens`` in the table says what each variant trained. The loss,
+bytes, staleness and spread columns are those equal-work runs. The target of a seed is synchronous DiLoCo's final
+validation loss on that seed; time to target is the simulated time of the first evaluation at or below it
+(evaluations every 6 steps of the furthest worker), taken from a second run of each other variant with twice the
+work (``<variant>-long``; its schedule of faults is the same, its cosine learning rate decays over more steps).
 """
 
 from __future__ import annotations
@@ -48,24 +50,36 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+LONG = 2.0  # the work of the "-long" runs, in synchronous DiLoCo runs: room to reach its loss, however late
+
+
 def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
+    """Every variant at equal work (``<variant>-s<seed>``) and, but for diloco, at LONG times the work
+    (``<variant>-long-s<seed>``: their time to reach diloco's loss)."""
     scale = SCALES["ci"]
     steps = max_steps or scale.max_steps
     f = steps / scale.max_steps
     warm, H = max(1, round(scale.warmup_sync * f)), max(1, round(scale.H * f))
-    async_steps = warm + math.ceil((steps - warm) * len(SPEEDS) / sum(s / max(SPEEDS) for s in SPEEDS))
     base = [
         *scale.model, *scale.data, *[o for o in scale.train if not o.startswith("train.log_interval=")],
         "train.log_interval=6", "experiment=heterogeneous", "outer_optimizer=nesterov", "compression=none",
         f"workers={len(SPEEDS)}", f"train.eval_interval={max(1, round(6 * f))}",
     ]  # fmt: skip
+
+    def budget(variant: str, work: float) -> int:
+        """The step budget for ``work`` synchronous runs' worth of local steps after the warm-start: an async run's
+        budget counts its fastest worker, who trains K / sum(speed / fastest) times the mean worker's steps."""
+        speedup = len(SPEEDS) / sum(s / max(SPEEDS) for s in SPEEDS) if variant.startswith("async") else 1.0
+        return warm + math.ceil((steps - warm) * work * speedup)
+
     runs = []
     for variant, overrides in VARIANTS.items():
-        budget = async_steps if variant.startswith("async") else steps
         algo = [*overrides, f"algorithm.inner_steps={H}", f"algorithm.warmup_sync_steps={warm}"]
-        for seed in range(seeds):
-            runs.append(RunSpec(f"{variant}-s{seed}", variant, ["heterogeneous"], seed,
-                                [*base, *algo, f"train.max_steps={budget}", f"seed={seed}", f"name={variant}"]))  # fmt: skip
+        for suffix, work in [("", 1.0)] + ([("-long", LONG)] if variant != "diloco" else []):
+            for seed in range(seeds):
+                runs.append(RunSpec(f"{variant}{suffix}-s{seed}", variant + suffix, ["heterogeneous"], seed,
+                                    [*base, *algo, f"train.max_steps={budget(variant, work)}", f"seed={seed}",
+                                     f"name={variant}{suffix}"]))  # fmt: skip
     return runs
 
 
@@ -88,9 +102,10 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
         summary = runs / f"diloco-s{s}" / "summary.json"
         if summary.exists():
             target[s] = json.loads(summary.read_text())["final_val_loss"]
+    reference: dict[int, float] = {}  # diloco's own time to its final loss, per seed
     numbers: dict[str, dict] = {}
     for variant in VARIANTS:
-        times, finals, mb, tokens, stale, spread, span, reached = [], [], [], [], [], [], [], 0
+        times, finals, mb, tokens, stale, spread, span, speedup, reached = [], [], [], [], [], [], [], [], 0
         for s in range(seeds):
             d = runs / f"{variant}-s{s}"
             if not (d / "summary.json").exists():
@@ -107,24 +122,32 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
             spreads = [r["replica_spread"] for r in rows if "replica_spread" in r]
             if spreads:
                 spread.append(spreads[-1])
-            hit = next((r["sim_seconds"] for r in rows if "val_loss" in r and s in target
+            long = runs / f"{variant}-long-s{s}"  # more work, same schedule of faults: when does it get there?
+            timed = _rows(long) if (long / "summary.json").exists() else rows
+            hit = next((r["sim_seconds"] for r in timed if "val_loss" in r and s in target
                         and r["val_loss"] <= target[s] + 1e-12), None)  # fmt: skip
             if hit is not None:
                 reached += 1
                 times.append(hit)
+                if variant == "diloco":
+                    reference[s] = hit
+                elif s in reference:
+                    speedup.append(reference[s] / hit)
         numbers[variant] = {"seeds": len(finals), "reached": reached, "time_to_target": times, "final": finals,
-                            "mb_per_worker": mb, "tokens": tokens, "sim_seconds": span, "staleness": stale, "replica_spread": spread}  # fmt: skip
-    head = ("| variant | reached target | time to target (sim s) | run (sim s) | final val loss | MB sent / worker "
-            "| tokens (M) | mean staleness | replica spread |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
+                            "mb_per_worker": mb, "tokens": tokens, "sim_seconds": span, "speedup": speedup, "staleness": stale, "replica_spread": spread}  # fmt: skip
+    head = ("| variant | reached target | time to target (sim s) | vs diloco | run (sim s) | final val loss "
+            "| MB sent / worker | tokens (M) | mean staleness | replica spread |\n"
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
     lines = [head]
     for variant, n in numbers.items():
         if not n["seeds"]:
             continue
         t = n["time_to_target"]
         stale = f"{statistics.mean(n['staleness']):.2f}" if n["staleness"] else "-"
+        speed = f"{statistics.mean(n['speedup']):.2f}x" if n["speedup"] else "-"
         spread = f"{statistics.mean(n['replica_spread']):.4f}" if n["replica_spread"] else "-"
         lines.append(f"| {variant} | {n['reached']}/{n['seeds']} | {_mean_sd(t) if t else 'never'} | "
-                     f"{statistics.mean(n['sim_seconds']):.2f} | {_mean_sd(n['final'])} | {statistics.mean(n['mb_per_worker']):.2f} | "
+                     f"{speed} | {statistics.mean(n['sim_seconds']):.2f} | {_mean_sd(n['final'])} | {statistics.mean(n['mb_per_worker']):.2f} | "
                      f"{statistics.mean(n['tokens']) / 1e6:.3f} | {stale} | {spread} |")  # fmt: skip
     return "\n".join(lines), numbers
 

@@ -15,10 +15,10 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 def test_every_variant_composes_on_the_same_swarm_at_equal_work() -> None:
     from reproduce_diloco import compose
-    from reproduce_heterogeneous import SPEEDS, VARIANTS, plan
+    from reproduce_heterogeneous import LONG, SPEEDS, VARIANTS, plan
 
     runs = plan(3)
-    assert len(runs) == 3 * len(VARIANTS) and len({r.run_id for r in runs}) == len(runs)
+    assert len(runs) == 3 * (2 * len(VARIANTS) - 1) and len({r.run_id for r in runs}) == len(runs)
     cfgs = {r.run_id: compose(r.overrides) for r in runs}
     ref = cfgs["diloco-s0"]
     assert list(ref.network.compute_speed) == SPEEDS and max(SPEEDS) / min(SPEEDS) >= 4
@@ -26,13 +26,13 @@ def test_every_variant_composes_on_the_same_swarm_at_equal_work() -> None:
     for run_id, cfg in cfgs.items():
         assert cfg.network == ref.network and cfg.model == ref.model and cfg.workers == ref.workers, run_id
         assert cfg.algorithm.inner_steps == ref.algorithm.inner_steps, run_id
+        warm = cfg.algorithm.warmup_sync_steps
+        work = LONG if "-long-" in run_id else 1.0  # in synchronous runs' local steps
         if cfg.algorithm.name == "async_diloco":  # the furthest worker's budget: about the same tokens in all
-            work = cfg.algorithm.warmup_sync_steps * 4 + (cfg.train.max_steps - cfg.algorithm.warmup_sync_steps) * sum(
-                SPEEDS
-            )
-            assert work == pytest.approx(ref.train.max_steps * 4, rel=0.02), run_id
+            steps = warm * 4 + (cfg.train.max_steps - warm) * sum(SPEEDS)
+            assert steps == pytest.approx(warm * 4 + (ref.train.max_steps - warm) * 4 * work, rel=0.02), run_id
         else:
-            assert cfg.train.max_steps == ref.train.max_steps, run_id
+            assert cfg.train.max_steps == warm + (ref.train.max_steps - warm) * work, run_id
 
 
 @pytest.mark.slow
