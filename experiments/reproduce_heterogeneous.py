@@ -40,6 +40,7 @@ sys.path.insert(0, str(HERE))
 from reproduce_diloco import SCALES, SEP, RunSpec, run_all  # noqa: E402
 
 SPEEDS = [1.0, 0.6, 0.25, 0.4]  # conf/experiment/heterogeneous.yaml's network.compute_speed
+CHURN, STEP_SECONDS = 0.05, 0.02  # and its network.churn.drop_prob and network.step_seconds
 VARIANTS: dict[str, list[str]] = {
     "diloco": ["algorithm=diloco"],
     "async": ["algorithm=async_diloco"],
@@ -50,6 +51,14 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
+def schedule(max_steps: int | None = None) -> tuple[int, int, int]:
+    """(steps, warm-start steps, H) of the ci scale, optionally shrunk to ``max_steps``."""
+    scale = SCALES["ci"]
+    steps = max_steps or scale.max_steps
+    f = steps / scale.max_steps
+    return steps, max(1, round(scale.warmup_sync * f)), max(1, round(scale.H * f))
+
+
 LONG = 2.0  # the work of the "-long" runs, in synchronous DiLoCo runs: room to reach its loss, however late
 
 
@@ -57,9 +66,8 @@ def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
     """Every variant at equal work (``<variant>-s<seed>``) and, but for diloco, at LONG times the work
     (``<variant>-long-s<seed>``: their time to reach diloco's loss)."""
     scale = SCALES["ci"]
-    steps = max_steps or scale.max_steps
+    steps, warm, H = schedule(max_steps)
     f = steps / scale.max_steps
-    warm, H = max(1, round(scale.warmup_sync * f)), max(1, round(scale.H * f))
     base = [
         *scale.model, *scale.data, *[o for o in scale.train if not o.startswith("train.log_interval=")],
         "train.log_interval=6", "experiment=heterogeneous", "outer_optimizer=nesterov", "compression=none",
@@ -105,7 +113,8 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
     reference: dict[int, float] = {}  # diloco's own time to its final loss, per seed
     numbers: dict[str, dict] = {}
     for variant in VARIANTS:
-        times, finals, mb, tokens, stale, spread, span, speedup, reached = [], [], [], [], [], [], [], [], 0
+        times, finals, delta, mb, tokens, stale, spread, span, speedup = [], [], [], [], [], [], [], [], []
+        reached = 0
         for s in range(seeds):
             d = runs / f"{variant}-s{s}"
             if not (d / "summary.json").exists():
@@ -113,6 +122,8 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
             summary = json.loads((d / "summary.json").read_text())
             rows = _rows(d)
             finals.append(summary["final_val_loss"])
+            if s in target:
+                delta.append(summary["final_val_loss"] - target[s])
             span.append(summary["sim_seconds"])
             mb.append(summary["bytes_sent_total"] / 1e6)
             tokens.append(summary["tokens"])
@@ -134,11 +145,22 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
                 elif s in reference:
                     speedup.append(reference[s] / hit)
         numbers[variant] = {"seeds": len(finals), "reached": reached, "time_to_target": times, "final": finals,
-                            "mb_per_worker": mb, "tokens": tokens, "sim_seconds": span, "speedup": speedup, "staleness": stale, "replica_spread": spread}  # fmt: skip
-    head = ("| variant | reached target | time to target (sim s) | vs diloco | run (sim s) | final val loss "
-            "| MB sent / worker | tokens (M) | mean staleness | replica spread |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")  # fmt: skip
-    lines = [head]
+                            "delta": delta, "mb_per_worker": mb, "tokens": tokens, "sim_seconds": span,
+                            "speedup": speedup, "staleness": stale, "replica_spread": spread}  # fmt: skip
+    return to_markdown(numbers), numbers
+
+
+def _paired(xs: list[float]) -> str:
+    """Mean ± standard error of paired differences."""
+    if len(xs) < 2:
+        return f"{xs[0]:+.4f}" if xs else "-"
+    return f"{statistics.mean(xs):+.4f} ± {statistics.stdev(xs) / len(xs) ** 0.5:.4f}"
+
+
+def to_markdown(numbers: dict[str, dict]) -> str:
+    lines = ["| variant | reached DiLoCo's loss | time to it (sim s) | vs diloco | final val loss (equal work) "
+             "| Δ vs diloco (paired) | run (sim s) | MB sent / worker | tokens (M) | mean staleness | replica spread |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for variant, n in numbers.items():
         if not n["seeds"]:
             continue
@@ -146,10 +168,59 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
         stale = f"{statistics.mean(n['staleness']):.2f}" if n["staleness"] else "-"
         speed = f"{statistics.mean(n['speedup']):.2f}x" if n["speedup"] else "-"
         spread = f"{statistics.mean(n['replica_spread']):.4f}" if n["replica_spread"] else "-"
-        lines.append(f"| {variant} | {n['reached']}/{n['seeds']} | {_mean_sd(t) if t else 'never'} | "
-                     f"{speed} | {statistics.mean(n['sim_seconds']):.2f} | {_mean_sd(n['final'])} | {statistics.mean(n['mb_per_worker']):.2f} | "
-                     f"{statistics.mean(n['tokens']) / 1e6:.3f} | {stale} | {spread} |")  # fmt: skip
-    return "\n".join(lines), numbers
+        delta = _paired(n["delta"]) if variant != "diloco" else "-"
+        lines.append(f"| {variant} | {n['reached']}/{n['seeds']} | {_mean_sd(t) if t else 'never'} | {speed} | "
+                     f"{_mean_sd(n['final'])} | {delta} | {statistics.mean(n['sim_seconds']):.2f} | "
+                     f"{statistics.mean(n['mb_per_worker']):.2f} | {statistics.mean(n['tokens']) / 1e6:.3f} | "
+                     f"{stale} | {spread} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def warm_start_seconds(out: Path) -> float:
+    """Simulated seconds of the shared synchronous warm-start: the diloco runs' first row at or past it (mean)."""
+    plan = json.loads((out / "plan.json").read_text())
+    ends = []
+    for d in sorted((out / "runs").glob("diloco-s*")):
+        rows = [r for r in _rows(d) if r["step"] >= plan["warmup_sync"] and "sim_seconds" in r]
+        if rows:
+            ends.append(rows[0]["sim_seconds"])
+    return statistics.mean(ends) if ends else float("nan")
+
+
+def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """The paper's macros (``heterogeneous.*``) and table (``heterogeneous``) from a --out folder."""
+    plan = json.loads((out / "plan.json").read_text())
+    text, numbers = table(out, plan["seeds"])
+    summaries = [json.loads(p.read_text()) for p in (out / "runs").glob("*/summary.json")]
+    warm = warm_start_seconds(out)
+    nums = {
+        "heterogeneous.seeds": str(plan["seeds"]), "heterogeneous.seed_list": ", ".join(map(str, range(plan["seeds"]))),
+        "heterogeneous.speeds": ", ".join(f"{x:g}" for x in plan["speeds"]),
+        "heterogeneous.spread": f"{max(plan['speeds']) / min(plan['speeds']):g}",
+        "heterogeneous.churn_pct": f"{plan['churn'] * 100:g}%", "heterogeneous.step_ms": f"{plan['step_seconds'] * 1e3:g}",
+        "heterogeneous.warmup_sync": str(plan["warmup_sync"]), "heterogeneous.H": str(plan["H"]),
+        "heterogeneous.max_steps": str(plan["max_steps"]), "heterogeneous.long": f"{plan['long']:g}",
+        "heterogeneous.n_runs": str(len(summaries)),
+        "heterogeneous.n_failed": str(sum(s.get("status") != "ok" for s in summaries)),
+        "heterogeneous.git_sha": str(summaries[0].get("git_sha", "?"))[:12] if summaries else "?",
+        "heterogeneous.warm_s": f"{warm:.1f}",
+    }  # fmt: skip
+    for variant, n in numbers.items():
+        k = f"heterogeneous.{variant.replace('-', '_')}"
+        t = n["time_to_target"]
+        nums[f"{k}.reached"] = f"{n['reached']}/{n['seeds']}"
+        nums[f"{k}.time"] = f"{statistics.mean(t):.1f}" if t else "never"
+        nums[f"{k}.local"] = f"{statistics.mean(t) - warm:.1f}" if t else "never"
+        nums[f"{k}.speedup"] = f"{statistics.mean(n['speedup']):.2f}" if n["speedup"] else "-"
+        nums[f"{k}.loss"] = f"{statistics.mean(n['final']):.4f}"
+        nums[f"{k}.delta"] = _paired(n["delta"])
+        nums[f"{k}.mb"] = f"{statistics.mean(n['mb_per_worker']):.1f}"
+        nums[f"{k}.staleness"] = f"{statistics.mean(n['staleness']):.2f}" if n["staleness"] else "-"
+        nums[f"{k}.spread"] = f"{statistics.mean(n['replica_spread']):.3f}" if n["replica_spread"] else "-"
+    d = nums["heterogeneous.diloco.local"]
+    b = nums["heterogeneous.async_dn_dylu.local"]
+    nums["heterogeneous.local_speedup"] = f"{float(d) / float(b):.1f}" if "never" not in (d, b) else "-"
+    return nums, {"heterogeneous": text}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             r.overrides = [o for o in r.overrides if not o.startswith("data=")] + [f"data={args.data}"]
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.json").write_text(json.dumps({"speeds": SPEEDS, "runs": [r.__dict__ for r in runs]}, indent=2) + "\n")
+    steps, warm, H = schedule(args.max_steps)
+    doc = {"speeds": SPEEDS, "churn": CHURN, "step_seconds": STEP_SECONDS, "seeds": args.seeds, "long": LONG,
+           "warmup_sync": warm, "H": H, "max_steps": steps, "runs": [r.__dict__ for r in runs]}  # fmt: skip
+    (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{SEP}\nheterogeneous swarm (speeds {SPEEDS}, churn 5%): {len(runs)} runs -> {out / 'runs'}\n{SEP}")
     if not args.report_only:
         results = run_all(runs, out, not args.no_progress, args.jobs, 1)

@@ -4,8 +4,9 @@ Every number in the text is a ``{{macro}}`` filled from ``numbers.json`` and eve
 all by ``experiments/diloco_report.py`` from RUNS (a ``reproduce_diloco.py --out`` folder) and, for the Streaming
 DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` from STREAMING_RUNS (a
 ``reproduce_streaming.py --out`` folder) and, for the attacks section (macros ``attacks.*``), by
-``experiments/attacks_report.py`` from ATTACKS_RUNS (a ``reproduce_attacks.py --out`` folder). A macro the data does
-not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
+``experiments/attacks_report.py`` from ATTACKS_RUNS (a ``reproduce_attacks.py --out`` folder) and, for the
+heterogeneous-swarm section (macros ``heterogeneous.*``), by ``experiments/reproduce_heterogeneous.py`` from
+HETEROGENEOUS_RUNS (its ``--out`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
 ``numbers.json``, ``tables/`` and ``figures/``.
 """
 
@@ -109,6 +110,15 @@ def attacks_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, st
                   "attacks_verify": ar.verify_markdown(v, at["verify_fraction"], at["lazy_fraction"])}  # fmt: skip
 
 
+def heterogeneous_section(runs: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``heterogeneous.*``) and the table (``heterogeneous``) of the heterogeneous-swarm section."""
+    import reproduce_heterogeneous as rh
+
+    nums, tables = rh.paper_numbers(runs)
+    nums["heterogeneous.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    return nums, tables
+
+
 def count_params(rep, variant: str = "diloco") -> int:
     """Parameters of the reference run's (``variant``'s) model, built on the meta device (no memory, any size)."""
     import torch
@@ -123,7 +133,7 @@ def count_params(rep, variant: str = "diloco") -> int:
         return GPT(shape).num_params()
 
 
-def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path) -> Path:
+def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heterogeneous_runs: Path) -> Path:
     from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
     from pdf import render
 
@@ -144,6 +154,9 @@ def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path) -> Pa
     a_nums, a_tables = attacks_section(attacks_runs, out)
     nums.update(a_nums)
     md_tables.update(a_tables)
+    h_nums, h_tables = heterogeneous_section(heterogeneous_runs)
+    nums.update(h_nums)
+    md_tables.update(h_tables)
     for name, text in md_tables.items():
         (out / "tables" / f"{name}.md").write_text(text + "\n")
     for study, t in tables.items():
@@ -166,10 +179,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a reproduce_streaming.py --out folder (default: committed ci)")  # fmt: skip
     p.add_argument("--attacks-runs", default="results/attacks_ci",
                    help="a reproduce_attacks.py --out folder (default: committed ci)")  # fmt: skip
+    p.add_argument("--heterogeneous-runs", default="results/heterogeneous_ci",
+                   help="a reproduce_heterogeneous.py --out folder (default: committed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "build")
     args = p.parse_args(argv)
     build(resolve_runs(args.runs), args.out.resolve(), resolve_runs(args.streaming_runs),
-          resolve_runs(args.attacks_runs))  # fmt: skip
+          resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs))  # fmt: skip
     return 0
 
 

@@ -47,3 +47,31 @@ def test_a_shrunk_study_runs_into_its_table(tmp_path) -> None:
     assert numbers["diloco"]["reached"] == 1  # its own final loss is its target
     assert numbers["async-dn-dylu"]["staleness"] and numbers["noloco"]["replica_spread"]
     assert all(f"| {v} |" in table for v in VARIANTS)
+
+
+COMMITTED = REPO / "paper" / "results" / "heterogeneous_ci"
+
+
+def test_the_papers_section_fills_from_the_committed_results() -> None:
+    """Every heterogeneous macro of report.md is defined by the committed runs, and the numbers are the runs'."""
+    import re
+    import statistics
+
+    sys.path.insert(0, str(REPO / "paper"))
+    import build
+
+    nums, tables = build.heterogeneous_section(COMMITTED)
+    used = set(re.findall(r"\{\{\s*(heterogeneous\.[\w.\-]+)\s*\}\}", (REPO / "paper" / "report.md").read_text()))
+    assert used and used <= set(nums), sorted(used - set(nums))
+    filled = build.fill("{{table:heterogeneous}}", nums, tables)
+    assert "{{" not in filled and "| async-dn-dylu |" in filled
+    plan = json.loads((COMMITTED / "plan.json").read_text())
+    assert plan["seeds"] >= 3
+    for variant in ("diloco", "async-dn-dylu", "noloco"):
+        summaries = [json.loads((COMMITTED / "runs" / f"{variant}-s{s}" / "summary.json").read_text())
+                     for s in range(plan["seeds"])]  # fmt: skip
+        assert all(s["status"] == "ok" for s in summaries)
+        key = variant.replace("-", "_")
+        loss = statistics.mean(s["final_val_loss"] for s in summaries)
+        assert nums[f"heterogeneous.{key}.loss"] == f"{loss:.4f}"
+    assert nums["heterogeneous.diloco.reached"] == "3/3"  # its own final loss is its target
