@@ -37,6 +37,22 @@ def tiny_config(**overrides) -> Config:
     return cfg
 
 
+def build_test_group(cfg: Config):
+    """The run's workers (all K, on CPU) and its initial model, built as ``build_run`` builds them: for tests that
+    drive a strategy by hand."""
+    from locoswarm.build import build_group
+    from locoswarm.data import build_token_data
+    from locoswarm.model import GPT, GPTShape
+    from locoswarm.seeding import derive_seed
+
+    data = build_token_data(cfg.data, cfg.workers, cfg.seed, cfg.model.seq_len)
+    shape = GPTShape(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
+                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=0.0)  # fmt: skip
+    torch.manual_seed(derive_seed(cfg.seed, "model"))
+    base = GPT(shape)
+    return build_group(cfg, data, base, list(range(cfg.workers)), torch.device("cpu")), base
+
+
 def final_params(run_dir: Path, worker: int = 0) -> dict[str, torch.Tensor]:
     """Worker params from the run's last checkpoint (train.checkpoint_every > 0 writes one at the end)."""
     ckpt = load_checkpoint(run_dir)

@@ -8,19 +8,15 @@ import json
 
 import pytest
 import torch
-from helpers import final_params, max_rel_diff, tiny_config
+from helpers import build_test_group, final_params, max_rel_diff, tiny_config
 
-from locoswarm.build import build_group
 from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
 from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
-from locoswarm.data import build_token_data
 from locoswarm.faults import PhasePlanner
-from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import DelayedNesterov
-from locoswarm.seeding import derive_seed
 from locoswarm.strategies import AsyncDiLoCo
 from locoswarm.trainer import train
 
@@ -59,21 +55,13 @@ def test_delayed_nesterov_applies_momentum_once_per_n_updates():
     torch.testing.assert_close(theta[0], -0.5 * (g1 + g2 + g3) - 0.5 * 0.8 * m)
 
 
-def _group(cfg):
-    data = build_token_data(cfg.data, cfg.workers, cfg.seed, cfg.model.seq_len)
-    shape = GPTShape(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=0.0)  # fmt: skip
-    torch.manual_seed(derive_seed(cfg.seed, "model"))
-    return build_group(cfg, data, GPT(shape), list(range(cfg.workers)), torch.device("cpu"))
-
-
 def test_equal_speeds_match_a_hand_computed_sequence():
     """K=3, H=3, 6 steps, equal speeds and links, no churn, momentum_delay=1: every phase ends at the same instant,
     so the updates land in rank order, each worker pulling right after its own: phase 1 from phi_0 for all; phase 2
     worker j from phi after update j. Each update is the worker's pseudo-gradient times its share (1/3)."""
     cfg = tiny_config(workers=3, backend__execution="sequential", network__step_seconds=0.01)
     outer_cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.5)
-    group = _group(cfg)
+    group = build_test_group(cfg)[0]
     network = NetworkModel(cfg.network, 3)  # step_seconds 0.01: modelled, equal compute
     averager = SimAverager(codec_factory(CompressionConfig(), 0), network)
     anchor = [p.detach().clone() for p in group.params(0)]
@@ -82,7 +70,7 @@ def test_equal_speeds_match_a_hand_computed_sequence():
     while group.step < 6:
         strategy.round(6 - group.step)
 
-    ref = _group(cfg)
+    ref = build_test_group(cfg)[0]
     phi = [p.detach().clone() for p in ref.params(0)]
     sgd = torch.optim.SGD(phi, lr=0.7, momentum=0.5, nesterov=True)
     start = [[p.clone() for p in phi] for _ in range(3)]

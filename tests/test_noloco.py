@@ -7,17 +7,13 @@ import json
 
 import pytest
 import torch
-from helpers import final_params, max_rel_diff, tiny_config
+from helpers import build_test_group, final_params, max_rel_diff, tiny_config
 
-from locoswarm.build import build_group
 from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
 from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
-from locoswarm.data import build_token_data
-from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
-from locoswarm.seeding import derive_seed
 from locoswarm.strategies.noloco import NoLoCo, gossip_groups
 from locoswarm.trainer import train
 
@@ -80,28 +76,19 @@ def test_groups_are_seeded_and_change_every_phase():
     assert [len(g) for g in gossip_groups(list(range(5)), 2, 0, 0)] == [2, 2, 1]
 
 
-def _group(cfg):
-    data = build_token_data(cfg.data, cfg.workers, cfg.seed, cfg.model.seq_len)
-    shape = GPTShape(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=0.0)  # fmt: skip
-    torch.manual_seed(derive_seed(cfg.seed, "model"))
-    base = GPT(shape)
-    return build_group(cfg, data, base, list(range(cfg.workers)), torch.device("cpu"))
-
-
 def test_gossip_steps_match_a_hand_computed_sequence():
     """K=4 in pairs, outer SGD (lr 0.7, momentum 0.5), c = 0.6, two phases of H=3, computed by hand from the same
     workers: phi_m <- OuterSGD(phi_m, mean_G(delta) + c (phi_m - mean_G(phi))), equal tokens so plain means."""
     cfg = tiny_config(workers=4, backend__execution="sequential")
     outer_cfg = OuterOptimizerConfig(name="sgd", lr=0.7, momentum=0.5)
-    group = _group(cfg)
+    group = build_test_group(cfg)[0]
     averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 4))
     anchor = [p.detach().clone() for p in group.params(0)]
     strategy = NoLoCo(group, averager, anchor, outer_cfg, inner_steps=3, group_size=2, consensus=0.6, seed=11)
     while group.step < 6:
         strategy.round(6 - group.step)
 
-    ref = _group(cfg)
+    ref = build_test_group(cfg)[0]
     phi = [[p.detach().clone() for p in ref.params(j)] for j in range(4)]  # phi[worker][tensor]
     buf = [[torch.zeros_like(p) for p in phi[0]] for _ in range(4)]
     for phase in range(2):
@@ -128,7 +115,7 @@ def test_a_diverged_member_gets_its_group_a_zero_update_not_a_zero_mean():
     """Worker 1's params turn NaN before a phase: its group's round (summed on the wire) is rejected whole, and that
     group's replicas stay where they were (outer SGD without momentum), finite; the other group steps."""
     cfg = tiny_config(workers=4, backend__execution="sequential")
-    group = _group(cfg)
+    group = build_test_group(cfg)[0]
     averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 4))
     anchor = [p.detach().clone() for p in group.params(0)]
     strategy = NoLoCo(group, averager, anchor, OuterOptimizerConfig(name="sgd", lr=0.7, momentum=0.0), inner_steps=2,

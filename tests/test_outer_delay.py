@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import final_params, max_rel_diff, tiny_config
-from test_streaming import _group
+from helpers import build_test_group, final_params, max_rel_diff, tiny_config
 
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
@@ -20,7 +19,7 @@ def test_delayed_outer_step_matches_a_hand_computed_schedule():
     """H=3, 9 steps: phase 1's average is applied after phase 2, phase 2's and 3's at the end."""
     cfg = tiny_config(workers=2, backend__execution="sequential")
     outer_cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.5)
-    group, _ = _group(cfg)
+    group, _ = build_test_group(cfg)
     anchor = [p.detach().clone() for p in group.params(0)]
     averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 2))
     strategy = DiLoCo(group, averager, anchor, OuterOptimizer(anchor, outer_cfg), 3, outer_delay=1)
@@ -29,7 +28,7 @@ def test_delayed_outer_step_matches_a_hand_computed_schedule():
         applied.append(len(strategy.round(9 - group.step).comms))
     assert applied == [0, 1, 2]
 
-    ref, _ = _group(cfg)
+    ref, _ = build_test_group(cfg)
     a = [p.detach().clone() for p in ref.params(0)]
     outer = OuterOptimizer(a, outer_cfg)
 
@@ -112,14 +111,14 @@ def test_eager_applies_own_part_now_and_the_others_one_phase_late():
     """Two workers, H=3, 9 steps, outer SGD lr 1 (so anchors add updates): by hand from the same workers."""
     cfg = tiny_config(workers=2, backend__execution="sequential")
     sgd = OuterOptimizerConfig(name="sgd", lr=1.0, momentum=0.0)
-    group, _ = _group(cfg)
+    group, _ = build_test_group(cfg)
     anchor = [p.detach().clone() for p in group.params(0)]
     averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 2))
     strategy = EagerDiLoCo(group, averager, anchor, sgd, 3)
     while group.step < 9:
         strategy.round(9 - group.step)
 
-    ref, _ = _group(cfg)
+    ref, _ = build_test_group(cfg)
     anchors = [[p.detach().clone() for p in ref.params(0)] for _ in range(2)]  # one per worker
 
     def phase():

@@ -7,18 +7,14 @@ import json
 
 import pytest
 import torch
-from helpers import final_params, max_rel_diff, tiny_config
+from helpers import build_test_group, final_params, max_rel_diff, tiny_config
 
-from locoswarm.build import build_group
 from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
 from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
-from locoswarm.data import build_token_data
-from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
-from locoswarm.seeding import derive_seed
 from locoswarm.strategies import StreamingDiLoCo, fragment_indices
 from locoswarm.trainer import train
 
@@ -57,21 +53,12 @@ def test_identity_is_not_vacuous(tmp_path):
         assert s["final_val_loss"] != ref["final_val_loss"]
 
 
-def _group(cfg):
-    data = build_token_data(cfg.data, cfg.workers, cfg.seed, cfg.model.seq_len)
-    shape = GPTShape(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=0.0)  # fmt: skip
-    torch.manual_seed(derive_seed(cfg.seed, "model"))
-    base = GPT(shape)
-    return build_group(cfg, data, base, list(range(cfg.workers)), torch.device("cpu")), base
-
-
 def test_overlap_matches_a_hand_computed_schedule():
     """H=4, tau=2, alpha=0.5, one fragment, 10 steps: syncs start at 4 and 8, their averages are merged at 6 and
     10 (the end), and the end syncs once more; computed here by hand from the same workers."""
     cfg = tiny_config(workers=2, backend__execution="sequential")
     outer_cfg = OuterOptimizerConfig(name="nesterov", lr=0.7, momentum=0.5)
-    group, base = _group(cfg)
+    group, base = build_test_group(cfg)
     net = NetworkModel(cfg.network, 2)
     averager = SimAverager(codec_factory(CompressionConfig(), 0), net)
     everything = [list(range(len(group.params(0))))]
@@ -81,7 +68,7 @@ def test_overlap_matches_a_hand_computed_schedule():
         steps.append(strategy.round(10 - group.step).steps)
     assert steps == [4, 2, 2, 2]  # events: sync at 4, merge at 6, sync at 8, merge + final sync at 10
 
-    ref, _ = _group(cfg)
+    ref, _ = build_test_group(cfg)
     anchor = [p.detach().clone() for p in ref.params(0)]
     outer = OuterOptimizer(anchor, outer_cfg)
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from locoswarm.comm.base import DEFAULT_KEY, Averager, Finished, Handle, Round
-from locoswarm.config import NetworkConfig
+from locoswarm.config import NetworkConfig, OuterOptimizerConfig
 from locoswarm.faults import PhasePlan, PhasePlanner
 from locoswarm.netsim import NetworkModel
+from locoswarm.outer import OuterOptimizer
 from locoswarm.timeline import Cost, Timeline
 from locoswarm.worker import WorkerGroup
 
@@ -155,6 +156,54 @@ class Strategy(ABC):
     def load_state_dict(self, state: dict) -> None:
         self.planner.load_state_dict(state["planner"])
         self.timeline.load_state_dict(state["timeline"])
+
+
+class ReplicaStrategy(Strategy):
+    """A strategy whose workers each keep their own anchor (replica of the outer model) and outer-optimiser state:
+    eager updates, NoLoCo. Stacked, (L, *shape): the outer optimisers are elementwise, so one over (L, *shape)
+    tensors is L of them. A synchronous warm-up round resets every anchor to its worker's params; the model
+    evaluated is the first local worker's anchor."""
+
+    def __init__(
+        self,
+        group: WorkerGroup,
+        averager: Averager,
+        anchor: Sequence[torch.Tensor],
+        outer: OuterOptimizerConfig,
+        inner_steps: int,
+        warmup_sync_steps: int = 0,
+        planner: PhasePlanner | None = None,
+        timeline: Timeline | None = None,
+    ):
+        if inner_steps < 1:
+            raise ValueError(f"algorithm.inner_steps={inner_steps} is invalid: H must be >= 1")
+        super().__init__(group, averager, planner, timeline, inner_steps)
+        self.inner_steps, self.warmup_sync_steps = inner_steps, warmup_sync_steps
+        self.anchors = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]
+        self.outer = OuterOptimizer(self.anchors, outer)
+
+    def _warmup_round(self) -> RoundReport:
+        report = self._sync_round()
+        with torch.no_grad():  # the local phase starts from the warmed-up params
+            for i, a in enumerate(self.anchors):
+                a.copy_(torch.stack([self.group.params(j)[i] for j in range(self.group.size)]))
+        return report
+
+    def global_params(self) -> list[torch.Tensor]:
+        if self.group.step <= self.warmup_sync_steps:
+            return self.group.params(0)
+        return [a[0] for a in self.anchors]
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "anchors": [a.detach().clone() for a in self.anchors],
+                "outer": self.outer.state_dict()}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        with torch.no_grad():
+            for a, s in zip(self.anchors, state["anchors"], strict=True):
+                a.copy_(s)
+        self.outer.load_state_dict(state["outer"])
 
 
 @dataclass

@@ -31,12 +31,12 @@ from locoswarm.comm.base import Averager, Round
 from locoswarm.config import OuterOptimizerConfig
 from locoswarm.faults import PhasePlanner
 from locoswarm.outer import OuterOptimizer
-from locoswarm.strategies.base import InFlight, RoundReport, Strategy, pseudo_gradient_stats, tensor_norm
+from locoswarm.strategies.base import InFlight, ReplicaStrategy, RoundReport, pseudo_gradient_stats, tensor_norm
 from locoswarm.timeline import Timeline
 from locoswarm.worker import WorkerGroup
 
 
-class EagerDiLoCo(Strategy):
+class EagerDiLoCo(ReplicaStrategy):
     def __init__(
         self,
         group: WorkerGroup,
@@ -48,21 +48,13 @@ class EagerDiLoCo(Strategy):
         planner: PhasePlanner | None = None,
         timeline: Timeline | None = None,
     ):
-        if inner_steps < 1:
-            raise ValueError(f"algorithm.inner_steps={inner_steps} is invalid: H must be >= 1")
-        super().__init__(group, averager, planner, timeline, inner_steps)
-        self.inner_steps, self.warmup_sync_steps = inner_steps, warmup_sync_steps
-        # one anchor and one outer-optimiser state per local worker, stacked: (L, *shape)
-        self.anchors = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]
-        self.outer = OuterOptimizer(self.anchors, outer)
+        super().__init__(group, averager, anchor, outer, inner_steps, warmup_sync_steps, planner, timeline)
         self.pending: InFlight | None = None  # the previous phase's averaging
         self.own: list[torch.Tensor] | None = None  # s_m Δ_m of the previous phase, stacked, as applied
 
     def round(self, remaining: int) -> RoundReport:
         if self.group.step < self.warmup_sync_steps:
-            report = self._sync_round()
-            self._reset_anchors()  # the local phase starts from the warmed-up params
-            return report
+            return self._warmup_round()
         phase = self._phase(remaining)
         pseudo = self.group.pseudo_gradients_each(self.anchors)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
@@ -102,31 +94,14 @@ class EagerDiLoCo(Strategy):
         total = previous.total_weight if previous is not None else float(weights.sum()) * workers / self.group.size
         return weights / total
 
-    def _reset_anchors(self) -> None:
-        with torch.no_grad():
-            for i, a in enumerate(self.anchors):
-                a.copy_(torch.stack([self.group.params(j)[i] for j in range(self.group.size)]))
-
-    def global_params(self) -> list[torch.Tensor]:
-        """The first local worker's anchor (workers' anchors differ by their own fresh parts)."""
-        if self.group.step <= self.warmup_sync_steps:
-            return self.group.params(0)
-        return [a[0] for a in self.anchors]
-
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "anchors": [a.detach().clone() for a in self.anchors],
-            "outer": self.outer.state_dict(),
             "pending": self.pending.state_dict() if self.pending is not None else None,
             "own": [o.clone() for o in self.own] if self.own is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        with torch.no_grad():
-            for a, s in zip(self.anchors, state["anchors"], strict=True):
-                a.copy_(s)
-        self.outer.load_state_dict(state["outer"])
         self.pending = InFlight.from_state(state["pending"]) if state["pending"] is not None else None
         self.own = [o.clone() for o in state["own"]] if state["own"] is not None else None

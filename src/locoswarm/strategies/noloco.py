@@ -39,7 +39,7 @@ from locoswarm.config import OuterOptimizerConfig
 from locoswarm.faults import PhasePlanner
 from locoswarm.outer import OuterOptimizer
 from locoswarm.seeding import derive_seed
-from locoswarm.strategies.base import RoundReport, Strategy, pseudo_gradient_stats, tensor_norm
+from locoswarm.strategies.base import ReplicaStrategy, RoundReport, pseudo_gradient_stats, tensor_norm
 from locoswarm.timeline import Timeline
 from locoswarm.worker import WorkerGroup
 
@@ -78,7 +78,7 @@ def parallel_round(rounds: Sequence[Round]) -> Round:
     )
 
 
-class NoLoCo(Strategy):
+class NoLoCo(ReplicaStrategy):
     def __init__(
         self,
         group: WorkerGroup,
@@ -93,24 +93,15 @@ class NoLoCo(Strategy):
         planner: PhasePlanner | None = None,
         timeline: Timeline | None = None,
     ):
-        if inner_steps < 1:
-            raise ValueError(f"algorithm.inner_steps={inner_steps} is invalid: H must be >= 1")
         if group_size < 1:
             raise ValueError(f"algorithm.group_size={group_size} is invalid: need at least 1 worker per group")
-        super().__init__(group, averager, planner, timeline, inner_steps)
-        self.inner_steps, self.warmup_sync_steps = inner_steps, warmup_sync_steps
+        super().__init__(group, averager, anchor, outer, inner_steps, warmup_sync_steps, planner, timeline)
         self.group_size, self.consensus, self.seed = group_size, consensus, seed
         self.phases = 0  # phases synchronised so far: draws each phase's groups
-        # one anchor (replica) and one outer-optimiser state per local worker, stacked: (L, *shape); the outer
-        # optimisers are elementwise, so one over (L, *shape) tensors is L of them
-        self.anchors = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]
-        self.outer = OuterOptimizer(self.anchors, outer)
 
     def round(self, remaining: int) -> RoundReport:
         if self.group.step < self.warmup_sync_steps:
-            report = self._sync_round()
-            self._reset_anchors()  # the local phase starts from the warmed-up params
-            return report
+            return self._warmup_round()
         phase = self._phase(remaining)
         pseudo = self.group.pseudo_gradients_each(self.anchors)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
@@ -156,29 +147,12 @@ class NoLoCo(Strategy):
                  for a in self.anchors)  # fmt: skip
         return float(torch.as_tensor(sq).sqrt().mean())
 
-    def _reset_anchors(self) -> None:
-        with torch.no_grad():
-            for i, a in enumerate(self.anchors):
-                a.copy_(torch.stack([self.group.params(j)[i] for j in range(self.group.size)]))
-
-    def global_params(self) -> list[torch.Tensor]:
-        """The first local worker's replica (replicas differ: ``replica_spread`` says by how much)."""
-        if self.group.step <= self.warmup_sync_steps:
-            return self.group.params(0)
-        return [a[0] for a in self.anchors]
-
     def state_dict(self) -> dict:
         return {
             **super().state_dict(),
-            "anchors": [a.detach().clone() for a in self.anchors],
-            "outer": self.outer.state_dict(),
             "phases": self.phases,
         }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        with torch.no_grad():
-            for a, s in zip(self.anchors, state["anchors"], strict=True):
-                a.copy_(s)
-        self.outer.load_state_dict(state["outer"])
         self.phases = int(state["phases"])
