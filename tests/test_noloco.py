@@ -13,6 +13,7 @@ from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
 from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
+from locoswarm.faults import PhasePlanner
 from locoswarm.netsim import NetworkModel
 from locoswarm.strategies.noloco import NoLoCo, gossip_groups
 from locoswarm.trainer import train
@@ -111,21 +112,27 @@ def test_gossip_steps_match_a_hand_computed_sequence():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 
-def test_a_diverged_member_gets_its_group_a_zero_update_not_a_zero_mean():
+@pytest.mark.parametrize("partner_absent", [False, True])
+def test_a_diverged_member_gets_its_group_a_zero_update_not_a_zero_mean(partner_absent):
     """Worker 1's params turn NaN before a phase: its group's round (summed on the wire) is rejected whole, and that
-    group's replicas stay where they were (outer SGD without momentum), finite; the other group steps."""
-    cfg = tiny_config(workers=4, backend__execution="sequential")
+    group's replicas stay where they were (outer SGD without momentum), finite; the other group steps. Also when
+    its partner sat the phase out (churn), so that worker 1 is the round's only member."""
+    (bad,) = [g for g in gossip_groups([0, 1, 2, 3], 2, 3, 0) if 1 in g]
+    partner = next(r for r in bad if r != 1)
+    cfg = tiny_config(workers=4, backend__execution="sequential",
+                      network__churn__absent=[[partner, 0, 1]] if partner_absent else [])  # fmt: skip
     group = build_test_group(cfg)[0]
-    averager = SimAverager(codec_factory(CompressionConfig(), 0), NetworkModel(cfg.network, 4))
+    network = NetworkModel(cfg.network, 4)
+    averager = SimAverager(codec_factory(CompressionConfig(), 0), network)
     anchor = [p.detach().clone() for p in group.params(0)]
     strategy = NoLoCo(group, averager, anchor, OuterOptimizerConfig(name="sgd", lr=0.7, momentum=0.0), inner_steps=2,
-                      group_size=2, seed=3)  # fmt: skip
+                      group_size=2, seed=3, planner=PhasePlanner(network, group.ranks, 2))  # fmt: skip
     with torch.no_grad():
         group.params(1)[0].fill_(float("nan"))
     before = [a.clone() for a in strategy.anchors]
     report = strategy.round(2)
-    (bad,) = [g for g in report.extras["gossip_groups"] if 1 in g]
-    assert set(report.comm.rejected) == set(bad)
+    assert [g for g in report.extras["gossip_groups"] if 1 in g] == [bad]
+    assert set(report.comm.rejected) == ({1} if partner_absent else set(bad))
     for j in range(4):
         moved = max(float((a[j] - b[j]).abs().max()) for a, b in zip(strategy.anchors, before, strict=True))
         assert (moved == 0.0) == (j in bad), j

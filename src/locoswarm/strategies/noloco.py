@@ -123,7 +123,7 @@ class NoLoCo(ReplicaStrategy):
         for members, handle in flights:
             result = handle.wait()
             rounds.append(result)
-            if not result.members or set(members) <= set(result.rejected):
+            if not result.members or set(result.members) <= set(result.rejected):
                 continue  # the whole round was rejected (a non-finite sum): a zero update, as diloco's, not a zero mean
             mean_pseudo, mean_anchor = result.tensors[:n], result.tensors[n:]
             for j, r in enumerate(ranks):
