@@ -1,7 +1,7 @@
 """Synchronous DiLoCo, async_diloco and noloco on the same heterogeneous swarm: simulated time to reach synchronous
 DiLoCo's final loss, final loss, bytes, staleness and replica spread.
 
-    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous            # 33 runs, ~5 min on 2 cores
+    python experiments/reproduce_heterogeneous.py --out runs/heterogeneous            # 36 runs, ~3 min on 2 cores
     python experiments/reproduce_heterogeneous.py --out runs/heterogeneous --report-only
 
 The swarm is ``experiment=heterogeneous`` (conf/experiment/heterogeneous.yaml): 4 workers whose speeds spread 4x
@@ -21,8 +21,9 @@ gets max_steps scaled by K / sum(speed / fastest speed) after the warm-start (th
 many tokens in all as in the synchronous run); ``tokens`` in the table says what each variant trained. The loss,
 bytes, staleness and spread columns are those equal-work runs. The target of a seed is synchronous DiLoCo's final
 validation loss on that seed; time to target is the simulated time of the first evaluation at or below it
-(evaluations every 6 steps of the furthest worker), taken from a second run of each other variant with twice the
-work (``<variant>-long``; its schedule of faults is the same, its cosine learning rate decays over more steps).
+(evaluations every 6 steps of the furthest worker), taken from a second run of every variant with twice the work
+(``<variant>-long``, DiLoCo's included: its schedule of faults is the same, its cosine learning rate decays over
+more steps, so every variant's time comes from the same stretched schedule).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ LONG = 2.0  # the work of the "-long" runs, in synchronous DiLoCo runs: room to 
 
 
 def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
-    """Every variant at equal work (``<variant>-s<seed>``) and, but for diloco, at LONG times the work
-    (``<variant>-long-s<seed>``: their time to reach diloco's loss)."""
+    """Every variant at equal work (``<variant>-s<seed>``) and at LONG times the work (``<variant>-long-s<seed>``:
+    the time to reach diloco's equal-work loss, diloco's own included, all on the same stretched schedule)."""
     scale = SCALES["ci"]
     steps, warm, H = schedule(max_steps)
     f = steps / scale.max_steps
@@ -83,12 +84,17 @@ def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
     runs = []
     for variant, overrides in VARIANTS.items():
         algo = [*overrides, f"algorithm.inner_steps={H}", f"algorithm.warmup_sync_steps={warm}"]
-        for suffix, work in [("", 1.0)] + ([("-long", LONG)] if variant != "diloco" else []):
+        for suffix, work in [("", 1.0), ("-long", LONG)]:
             for seed in range(seeds):
                 runs.append(RunSpec(f"{variant}{suffix}-s{seed}", variant + suffix, ["heterogeneous"], seed,
                                     [*base, *algo, f"train.max_steps={budget(variant, work)}", f"seed={seed}",
                                      f"name={variant}{suffix}"]))  # fmt: skip
     return runs
+
+
+def _ok(run_dir: Path) -> bool:
+    path = run_dir / "summary.json"
+    return path.exists() and json.loads(path.read_text()).get("status") == "ok"
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -108,7 +114,7 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
     target = {}
     for s in range(seeds):
         summary = runs / f"diloco-s{s}" / "summary.json"
-        if summary.exists():
+        if summary.exists() and json.loads(summary.read_text()).get("status") == "ok":
             target[s] = json.loads(summary.read_text())["final_val_loss"]
     reference: dict[int, float] = {}  # diloco's own time to its final loss, per seed
     numbers: dict[str, dict] = {}
@@ -120,6 +126,8 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
             if not (d / "summary.json").exists():
                 continue
             summary = json.loads((d / "summary.json").read_text())
+            if summary.get("status") != "ok":  # a diverged or failed run: counted in n_failed, not averaged
+                continue
             rows = _rows(d)
             finals.append(summary["final_val_loss"])
             if s in target:
@@ -134,7 +142,7 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
             if spreads:
                 spread.append(spreads[-1])
             long = runs / f"{variant}-long-s{s}"  # more work, same schedule of faults: when does it get there?
-            timed = _rows(long) if (long / "summary.json").exists() else rows
+            timed = _rows(long) if _ok(long) else rows
             hit = next((r["sim_seconds"] for r in timed if "val_loss" in r and s in target
                         and r["val_loss"] <= target[s] + 1e-12), None)  # fmt: skip
             if hit is not None:
@@ -176,11 +184,12 @@ def to_markdown(numbers: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def warm_start_seconds(out: Path) -> float:
-    """Simulated seconds of the shared synchronous warm-start: the diloco runs' first row at or past it (mean)."""
+def warm_start_seconds(out: Path, seed: int | None = None) -> float:
+    """Simulated seconds of the shared synchronous warm-start: the diloco runs' first row at or past it (the mean
+    over seeds, or ``seed``'s)."""
     plan = json.loads((out / "plan.json").read_text())
     ends = []
-    for d in sorted((out / "runs").glob("diloco-s*")):
+    for d in sorted((out / "runs").glob("diloco-s*" if seed is None else f"diloco-s{seed}")):
         rows = [r for r in _rows(d) if r["step"] >= plan["warmup_sync"] and "sim_seconds" in r]
         if rows:
             ends.append(rows[0]["sim_seconds"])
@@ -223,6 +232,42 @@ def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
     return nums, {"heterogeneous": text}
 
 
+def figure(out: Path, path: Path, seed: int = 0) -> Path:
+    """Validation loss against simulated time, one line per variant (its longer run where it has one, seed
+    ``seed``), with synchronous DiLoCo's final loss (the target) and the end of the shared warm-start marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from locoswarm import plots
+
+    plots.style()
+    fig, ax = plt.subplots(figsize=(7.5, 4.4))
+    for variant in VARIANTS:
+        d = out / "runs" / f"{variant}-long-s{seed}"
+        d = d if _ok(d) else out / "runs" / f"{variant}-s{seed}"
+        if not _ok(d):
+            continue
+        rows = [r for r in _rows(d) if "val_loss" in r and "sim_seconds" in r]
+        if rows:
+            ax.plot([r["sim_seconds"] for r in rows], [r["val_loss"] for r in rows], marker="o", ms=2, lw=1.2,
+                    label=variant)  # fmt: skip
+    if _ok(out / "runs" / f"diloco-s{seed}"):
+        ax.axhline(json.loads((out / "runs" / f"diloco-s{seed}" / "summary.json").read_text())["final_val_loss"],
+                   color="k", ls=":", lw=1, label="target: diloco's final loss (equal work)")  # fmt: skip
+    ax.axvline(warm_start_seconds(out, seed), color="grey", ls="--", lw=1, label="end of the synchronous warm-start")
+    ax.set(xlabel="simulated seconds", ylabel=plots.LOSS_LABEL,
+           title=f"Heterogeneous swarm (seed {seed}): validation loss vs simulated time")  # fmt: skip
+    finals = [
+        json.loads((d / "summary.json").read_text())["final_val_loss"] for d in (out / "runs").iterdir() if _ok(d)
+    ]
+    if finals:
+        ax.set_ylim(min(finals) - 0.05, min(finals) + 1.0)
+    ax.legend(frameon=False, fontsize=7)
+    return plots.save(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="output folder (runs/, plan.json, report/)")
@@ -242,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     steps, warm, H = schedule(args.max_steps)
     doc = {"speeds": SPEEDS, "churn": CHURN, "step_seconds": STEP_SECONDS, "seeds": args.seeds, "long": LONG,
            "warmup_sync": warm, "H": H, "max_steps": steps, "runs": [r.__dict__ for r in runs]}  # fmt: skip
-    (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if not (args.report_only and (out / "plan.json").exists()):  # a re-report keeps the plan the runs were made with
+        (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
     print(f"{SEP}\nheterogeneous swarm (speeds {SPEEDS}, churn 5%): {len(runs)} runs -> {out / 'runs'}\n{SEP}")
     if not args.report_only:
         results = run_all(runs, out, not args.no_progress, args.jobs, 1)
@@ -254,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     report.mkdir(exist_ok=True)
     (report / "heterogeneous.md").write_text(text + "\n")
     (report / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    print(f"{SEP}\n{text}\n{SEP}\ntable and numbers: {report}")
+    figure(out, report / "heterogeneous.png")
+    print(f"{SEP}\n{text}\n{SEP}\ntable, numbers and figure: {report}")
     return 0
 
 

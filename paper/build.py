@@ -110,11 +110,13 @@ def attacks_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, st
                   "attacks_verify": ar.verify_markdown(v, at["verify_fraction"], at["lazy_fraction"])}  # fmt: skip
 
 
-def heterogeneous_section(runs: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """Numbers (``heterogeneous.*``) and the table (``heterogeneous``) of the heterogeneous-swarm section."""
+def heterogeneous_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``heterogeneous.*``) and the table (``heterogeneous``) of the heterogeneous-swarm section; draws
+    ``figures/heterogeneous.png``."""
     import reproduce_heterogeneous as rh
 
     nums, tables = rh.paper_numbers(runs)
+    rh.figure(runs, out / "figures" / "heterogeneous.png")
     nums["heterogeneous.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
     return nums, tables
 
@@ -154,7 +156,7 @@ def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heter
     a_nums, a_tables = attacks_section(attacks_runs, out)
     nums.update(a_nums)
     md_tables.update(a_tables)
-    h_nums, h_tables = heterogeneous_section(heterogeneous_runs)
+    h_nums, h_tables = heterogeneous_section(heterogeneous_runs, out)
     nums.update(h_nums)
     md_tables.update(h_tables)
     for name, text in md_tables.items():

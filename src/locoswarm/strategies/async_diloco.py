@@ -166,6 +166,7 @@ class AsyncDiLoCo(Strategy):
             self._begin(restart, budget, losses, seconds)
 
     _last_update_norm = 0.0
+    _ratio = 1.0  # the codec's payload ratio of the last push
 
     def _pull(self, workers) -> None:
         """These workers take the global model as it is now."""
@@ -210,8 +211,9 @@ class AsyncDiLoCo(Strategy):
             if counts[j] == 0:  # absent this phase (churn) or out of budget: back after one nominal phase
                 idle = self.inner_steps * base * slowdown[j] / network.speed(r)
                 _, pull = network.push_pull_seconds(r, 0.0, model_bytes)
-                rejoin = Round(tensors=[], group_size=0, bytes_sent=0.0, bytes_received=model_bytes / self.group.size,
-                               seconds=pull, key=DEFAULT_KEY)  # fmt: skip
+                # its pull, as a round of one (the row's group size and codec ratio stay meaningful)
+                rejoin = Round(tensors=[], group_size=1, bytes_sent=0.0, bytes_received=model_bytes / self.group.size,
+                               seconds=pull, compression_ratio=self._ratio, key=DEFAULT_KEY)  # fmt: skip
                 self.flights.append(_Flight(j, self.pulled_version[j], start + idle, pull, 0, 0.0, [], rejoin))
                 self.timeline.event(self.timeline.now, comm=pull / self.group.size)
                 continue
@@ -219,6 +221,7 @@ class AsyncDiLoCo(Strategy):
             mask[j] = 1.0
             result = self.averager.start(pseudo, weights * mask, key=DEFAULT_KEY, ranks=ranks).wait()
             push, pull = network.push_pull_seconds(r, result.payload_bytes, model_bytes)
+            self._ratio = result.compression_ratio
             L = self.group.size
             comm = dataclasses.replace(result, tensors=[], bytes_sent=result.payload_bytes / L,
                                        bytes_received=model_bytes / L, seconds=push + pull)  # fmt: skip
@@ -254,5 +257,6 @@ class AsyncDiLoCo(Strategy):
                 p.copy_(s)
         self.outer.load_state_dict(state["outer"])
         self.version, self.phase_of, self.started = int(state["version"]), list(state["phase_of"]), state["started"]
-        self.pulled_version, self._last_update_norm = list(state["pulled_version"]), state["last_update_norm"]
+        self.pulled_version = list(state.get("pulled_version", [self.version] * self.group.size))
+        self._last_update_norm = float(state.get("last_update_norm", 0.0))
         self.flights = [_Flight.from_state(s) for s in state["flights"]]
