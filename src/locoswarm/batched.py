@@ -352,6 +352,10 @@ class BatchedWorkerGroup:
             else:
                 p.mul_(alpha).add_(t.unsqueeze(0), alpha=1.0 - alpha)
 
+    def take_stats(self) -> dict:
+        """Diagnostics of how the group ran since the last call (none: see ``WorkerGroup.take_stats``)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {
             "execution": Execution.batched.value,

@@ -83,6 +83,9 @@ class Counters:
         self.val_loss: float | None = None
         self.last_eval_step = 0
         self.compression_ratio = 1.0
+        self.activation_bytes = 0.0  # a pipeline's bytes between stages, per stage peer
+        self.stage_failures = 0
+        self.stage_load: list[list[int]] | None = None  # micro-batches per [stage][peer]
         # sync fields accumulated since the last row (a round of one step may end between rows)
         self.since_row = {"bytes_sent": 0.0, "bytes_received": 0.0, "comm_seconds": 0.0}
         self.rejected: list[dict] = []  # contributions screened out since the last row: {rank, reason, key}
@@ -233,6 +236,7 @@ class Bookkeeper:
         c.comm_seconds += report.cost.comm_seconds
         c.compute_seconds += report.cost.busy_seconds
         c.sim_seconds += report.cost.seconds
+        self._pipeline_stats()
         c.since_row["comm_seconds"] += report.cost.comm_seconds
 
         val_loss = None
@@ -250,6 +254,21 @@ class Bookkeeper:
         self.run.averager.round_boundary()  # a real swarm: serve state requests, publish progress, resync
         if self.stop_after_step is not None and self.stop_after_step <= step < cfg.train.max_steps:
             raise KeyboardInterrupt(f"stop_after_step={self.stop_after_step}")
+
+    def _pipeline_stats(self) -> None:
+        """A pipeline's bytes between stages (per peer) and failed calls go into the rows like the sync fields;
+        its micro-batches per stage peer into the summary."""
+        stats = self.run.group.take_stats()
+        if not stats:
+            return
+        c = self.counters
+        for key in ("activation_bytes", "stage_failures"):
+            c.since_row[key] = c.since_row.get(key, 0.0) + stats[key]
+        c.activation_bytes += stats["activation_bytes"]
+        c.stage_failures += stats["stage_failures"]
+        load = stats["stage_load"]
+        total = c.stage_load or [[0] * len(row) for row in load]
+        c.stage_load = [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(total, load, strict=True)]
 
     def _evaluate(self) -> float:
         assert self.run is not None
@@ -371,6 +390,15 @@ class Bookkeeper:
             "rejections": c.rejections,
             "bytes_sent_total": c.bytes_sent,
             "bytes_received_total": c.bytes_received,
+            **(
+                {
+                    "activation_bytes_total": c.activation_bytes,
+                    "stage_failures": c.stage_failures,
+                    "stage_load": c.stage_load,
+                }
+                if cfg.pipeline.stages > 1
+                else {}
+            ),
             "comm_seconds": c.comm_seconds,
             "compression_ratio": c.compression_ratio,
             "wall_seconds": wall,

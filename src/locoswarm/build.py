@@ -15,13 +15,15 @@ from locoswarm.comm.adversary import Adversary, AttackedAverager
 from locoswarm.comm.aggregate import build_aggregator
 from locoswarm.comm.base import Averager
 from locoswarm.comm.sim import SimAverager
-from locoswarm.compression import codec_factory
-from locoswarm.config import AlgorithmName, BackendName, Config, Execution
+from locoswarm.comm.staged import StagedAverager
+from locoswarm.compression import codec_factory, make_codec
+from locoswarm.config import AlgorithmName, BackendName, CompressionConfig, Config, Execution
 from locoswarm.data import BatchSampler, TokenData, build_token_data
 from locoswarm.faults import PhasePlanner
 from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
+from locoswarm.pipeline import PipelineGroup, PipelineNetwork, Router, split_stages
 from locoswarm.seeding import derive_seed
 from locoswarm.strategies import (
     DDP,
@@ -145,20 +147,42 @@ def build_strategy(
                            a.mixing, a.warmup_sync_steps, planner, timeline)  # fmt: skip
 
 
+def build_pipeline(
+    cfg: Config, data: TokenData, base: GPT, device: torch.device
+) -> tuple[PipelineGroup, PipelineNetwork, Averager]:
+    """pipeline.stages > 1 (sim): K replicas cut into S stages, their S x K peers' network, per-stage averaging."""
+    p = cfg.pipeline
+    specs = split_stages(base, p.stages)
+    log.info("pipeline: %d stages x %d peers; blocks per stage %s, parameter shares %s", p.stages, cfg.workers,
+             [s.blocks for s in specs], [round(s.numel / base.num_params(), 3) for s in specs])  # fmt: skip
+    network = PipelineNetwork(cfg.network, cfg.workers, p.stages, seed=cfg.seed, call_failure_prob=p.failure_prob)
+    workers = [build_worker(cfg, data, base, r, device) for r in range(cfg.workers)]
+    router = Router(p.routing, p.stages, cfg.workers, derive_seed(cfg.seed, "routing"))
+    codec = make_codec(CompressionConfig(name=p.activation_codec, block_size=cfg.compression.block_size))
+    group = PipelineGroup(workers, specs, router, network, p.microbatches, codec)
+    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], cfg.workers)
+    return group, network, averager
+
+
 def build_run(cfg: Config, ranks: Sequence[int] | None = None, averager: Averager | None = None) -> Run:
     """ranks: the workers this process hosts (default all K: the ``sim`` backend); averager: a real backend's
     (its launcher builds it), else the config's."""
     ranks = list(range(cfg.workers)) if ranks is None else list(ranks)
     device = resolve_device(cfg.device)
     data = build_token_data(cfg.data, cfg.workers, cfg.seed, cfg.model.seq_len)
+    pipelined = cfg.pipeline.stages > 1  # a pipeline's first and last stage are different peers: untied head
     shape = GPTShape(n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, d_model=cfg.model.d_model,
-                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=cfg.model.dropout)  # fmt: skip
+                     seq_len=cfg.model.seq_len, vocab_size=data.vocab_size, dropout=cfg.model.dropout,
+                     tie_embeddings=cfg.model.tie_embeddings and not pipelined)  # fmt: skip
     # One init for everyone: every worker (and every peer on a network) starts from the same weights.
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     base = GPT(shape)
-    group = build_group(cfg, data, base, ranks, device)
-    network = NetworkModel(cfg.network, cfg.workers, seed=cfg.seed)
-    averager = averager or build_averager(cfg, network)
+    if pipelined:
+        group, network, averager = build_pipeline(cfg, data, base, device)
+    else:
+        group = build_group(cfg, data, base, ranks, device)
+        network = NetworkModel(cfg.network, cfg.workers, seed=cfg.seed)
+        averager = averager or build_averager(cfg, network)
     if cfg.faults.byzantine > 0:  # simulated attackers: what the last n ranks send is replaced
         averager = AttackedAverager(averager, Adversary(cfg.faults, cfg.workers, cfg.seed))
     names = [n for n, _ in base.named_parameters()]

@@ -132,6 +132,17 @@ class Schedule(StrEnum):
     constant = "constant"
 
 
+class Routing(StrEnum):
+    fixed = "fixed"
+    stochastic = "stochastic"
+
+
+class ActivationCodec(StrEnum):
+    none = "none"
+    fp16 = "fp16"
+    int8 = "int8"
+
+
 @dataclass
 class AlgorithmConfig:
     name: AlgorithmName = AlgorithmName.diloco
@@ -262,6 +273,27 @@ class FaultsConfig:
 
 
 @dataclass
+class PipelineConfig:
+    stages: int = 1
+    """S: the model is cut into S contiguous stages (the embedding with the first, the head with the last,
+    balanced by parameter count), each served by its own pool of `workers` peers (S x workers peers in all);
+    1 = every worker holds the whole model (pipeline.py)."""
+    routing: Routing = Routing.fixed
+    """fixed: micro-batches of worker i's data pass through peer i of every stage; stochastic: through one peer
+    per stage drawn (seeded) with probability proportional to its throughput (SWARM's stochastic wiring)."""
+    microbatches: int = 1
+    """Micro-batches each worker's batch is cut into (must divide train.batch_size); each is routed on its own."""
+    activation_codec: ActivationCodec = ActivationCodec.none
+    """How activations (forward) and their gradients (backward) cross a stage boundary: none (fp32), fp16,
+    int8 (blockwise, compression.block_size); byte-counted as activation_bytes."""
+    rebalance_every: int = 0
+    """Steps between moves of a peer from an over-served stage to the slowest one (0 = never)."""
+    failure_prob: float = 0.0
+    """sim: the chance that a stage peer fails a forward or backward call (seeded per call); the micro-batch is
+    retried on another peer of that stage and the failed peer sits out the rest of the step."""
+
+
+@dataclass
 class VerifyConfig:
     fraction: float = 0.0
     """Share of (worker, phase) pairs re-run by a verifier and compared with what the worker sent (diloco on sim or
@@ -284,6 +316,9 @@ class ModelConfig:
     """Context length in tokens (also the training sequence length)."""
     dropout: float = 0.0
     """Dropout probability (seeded per worker)."""
+    tie_embeddings: bool = True
+    """Share one matrix between the token embedding and the output head (GPT-2's weight tying). A pipeline
+    (pipeline.stages > 1) always unties them: the first and the last stage sit on different peers."""
 
 
 @dataclass
@@ -496,6 +531,7 @@ class Config:
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -710,6 +746,7 @@ def validate(cfg: Config) -> Config:
         "allowed: auto, cpu, cuda, cuda:N",
     )
     _validate_backend(cfg, need)
+    _validate_pipeline(cfg, need)
     for (key, value), what in NOT_YET_AVAILABLE.items():
         section, _, attr = key.partition(".")
         obj = getattr(cfg, section)
@@ -760,6 +797,42 @@ def _validate_network(cfg: Config, need) -> None:
         tb,
         "time-budgeted phases need algorithm=diloco",
     )
+
+
+def _validate_pipeline(cfg: Config, need) -> None:
+    """SWARM-style stages (pipeline.py): what runs with stages > 1 so far."""
+    p = cfg.pipeline
+    need(1 <= p.stages <= cfg.model.n_layer, "pipeline.stages", p.stages,
+         f"need 1 <= stages <= model.n_layer={cfg.model.n_layer} (a stage holds at least one block)")  # fmt: skip
+    need(p.microbatches >= 1 and cfg.train.batch_size % p.microbatches == 0, "pipeline.microbatches",
+         p.microbatches, f"must be >= 1 and divide train.batch_size={cfg.train.batch_size}")  # fmt: skip
+    need(0 <= p.failure_prob < 1, "pipeline.failure_prob", p.failure_prob, "must be in [0, 1)")
+    need(p.rebalance_every >= 0, "pipeline.rebalance_every", p.rebalance_every, "must be >= 0")
+    if p.stages == 1:
+        for key in ("routing", "microbatches", "activation_codec", "rebalance_every", "failure_prob"):
+            default = getattr(PipelineConfig, key)
+            need(_enum_value(getattr(p, key)) == _enum_value(default), f"pipeline.{key}", _enum_value(getattr(p, key)),
+                 "applies to a pipeline: set pipeline.stages > 1")  # fmt: skip
+        return
+    need(p.rebalance_every == 0, "pipeline.rebalance_every", p.rebalance_every,
+         "rebalancing has not landed yet (issue 13): use 0")  # fmt: skip
+    need(_enum_value(cfg.backend.name) == "sim", "pipeline.stages", p.stages,
+         "a pipeline runs on backend=sim so far (the hivemind stage servers have not landed: issue 13)")  # fmt: skip
+    need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco") and not cfg.algorithm.eager, "algorithm",
+         _enum_value(cfg.algorithm.name), "a pipeline's stages sync with ddp or diloco so far (not eager; "
+         "streaming's fragments would need the averager to know which stage a fragment's tensors belong to)")  # fmt: skip
+    need(_enum_value(cfg.backend.execution) != "batched", "backend.execution", _enum_value(cfg.backend.execution),
+         "a pipeline runs its stage peers one call at a time: use sequential or auto")  # fmt: skip
+    need(cfg.model.dropout == 0, "model.dropout", cfg.model.dropout,
+         "a pipeline does not keep per-peer dropout streams yet: use 0")  # fmt: skip
+    n = cfg.network
+    need(not n.churn.absent and n.churn.drop_prob == 0 and cfg.algorithm.time_budget is None, "pipeline.stages",
+         p.stages, "churn and time budgets are per worker, not per stage peer, so far: use pipeline.failure_prob "
+         "for failing stage peers")  # fmt: skip
+    need(cfg.faults.byzantine == 0 and cfg.faults.lazy == 0 and cfg.verify.fraction == 0, "pipeline.stages",
+         p.stages, "attacks, lazy workers and verification are per worker, not per stage peer, so far")  # fmt: skip
+    need(_enum_value(p.routing) == "fixed" or _enum_value(cfg.aggregator.name) == "mean", "aggregator",
+         _enum_value(cfg.aggregator.name), "stochastic routing gives peers unequal work: needs aggregator=mean")  # fmt: skip
 
 
 def _validate_backend(cfg: Config, need) -> None:

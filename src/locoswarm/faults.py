@@ -25,7 +25,7 @@ from locoswarm.config import NetworkConfig, StragglerKind
 if TYPE_CHECKING:
     from locoswarm.netsim import NetworkModel
 
-_STRAGGLER, _CHURN = 1, 2  # purposes: independent streams from one seed
+_STRAGGLER, _CHURN, _CALL = 1, 2, 3  # purposes: independent streams from one seed
 MEASURED_KEEP = 256  # recent per-step times kept for the median when network.step_seconds is null
 
 
@@ -36,8 +36,11 @@ def _draw(seed: int, purpose: int, worker: int, round_: int) -> np.random.Genera
 class FaultSchedule:
     """Seeded stragglers and churn of ``workers`` workers (see ``StragglerConfig`` / ``ChurnConfig``)."""
 
-    def __init__(self, cfg: NetworkConfig, workers: int, seed: int = 0):
+    def __init__(self, cfg: NetworkConfig, workers: int, seed: int = 0, call_failure_prob: float = 0.0):
+        """call_failure_prob: a pipeline stage peer's chance of failing one forward or backward call."""
         self.workers = workers
+        self.call_failure_prob = call_failure_prob
+        self.seed = seed
         self.stragglers = cfg.stragglers
         self.kind = StragglerKind(cfg.stragglers.kind)
         self.churn = cfg.churn
@@ -71,6 +74,14 @@ class FaultSchedule:
         if self._scheduled_present(worker, round_):
             return True
         return worker == 0 and not any(self._scheduled_present(w, round_) for w in range(1, self.workers))
+
+    def call_fails(self, peer: int, step: int, call: Sequence[int]) -> bool:
+        """Does ``peer`` fail this forward or backward call of a pipeline step? ``call`` names the call uniquely
+        within the step (micro-batch, stage, direction, attempt), so the draw does not depend on call order."""
+        if self.call_failure_prob <= 0:
+            return False
+        rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, _CALL, peer, step, *call])
+        return bool(rng.random() < self.call_failure_prob)
 
     @property
     def active(self) -> bool:

@@ -99,7 +99,7 @@ class RoundCost:
 class NetworkModel:
     """Links, compute speeds, stragglers and churn of ``workers`` workers (see the module docstring)."""
 
-    def __init__(self, cfg: NetworkConfig, workers: int, seed: int = 0):
+    def __init__(self, cfg: NetworkConfig, workers: int, seed: int = 0, call_failure_prob: float = 0.0):
         self.cfg = cfg
         self.workers = workers
         self.topology = Topology(cfg.topology)
@@ -114,7 +114,7 @@ class NetworkModel:
             for i in range(workers)
         ]
         self.server_bps = (cfg.server_mbps or cfg.bandwidth_mbps) * 1e6
-        self.faults = FaultSchedule(cfg, workers, seed)
+        self.faults = FaultSchedule(cfg, workers, seed, call_failure_prob)
 
     def speed(self, worker: int) -> float:
         """Compute-speed multiplier of a worker (1.0 = as measured / network.step_seconds)."""
@@ -162,6 +162,18 @@ class NetworkModel:
         link = self.links[worker]
         scale = 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
         return push_bytes * scale / link.up_bps + link.latency_s, pull_bytes * scale / link.down_bps + link.latency_s
+
+    def transfer_seconds(self, sender: int, receiver: int, nbytes: float) -> float:
+        """One message from ``sender`` to ``receiver`` (a pipeline's activations): the slower of the sender's
+        uplink and the receiver's downlink, plus the latency between them."""
+        bits = nbytes * 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
+        return bits / min(self.links[sender].up_bps, self.links[receiver].down_bps) + self._latency(sender, receiver)
+
+    def phase_cost(self, plan: PhasePlan, measured: Sequence[float]) -> tuple[float, float]:
+        """(wall-clock, mean busy compute of the workers that took part) of an inner phase run in parallel."""
+        busy = self.worker_compute_seconds(plan, measured)
+        taking_part = sum(1 for c in plan.counts if c > 0)
+        return max(busy, default=0.0), sum(busy) / taking_part if taking_part else 0.0
 
     def round_seconds(self, payload_bytes: float) -> float:
         """Modelled time of one averaging of all workers (``comm_seconds`` over everyone)."""

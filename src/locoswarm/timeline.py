@@ -5,7 +5,7 @@ later; a fragment of the model in flight while another trains), so it books both
 how long the round took:
 
 - ``compute(plan, measured)``: an inner phase; the workers run in parallel, so it lasts as long as the slowest
-  (its modelled time: ``NetworkModel.worker_compute_seconds``) and adds their mean busy time.
+  (its modelled time: ``NetworkModel.phase_cost``; a pipeline's is its schedule's) and adds their mean busy time.
 - ``exchange(started_at, seconds)``: an averaging started at ``started_at`` that occupies the network for
   ``seconds`` (the network model's price on sim, the measured time on a real backend). Exchanges share the
   link one after another: one starts when it was started or when the previous one is done, whichever is later.
@@ -52,10 +52,9 @@ class Timeline:
         self._mark = Cost()
 
     def compute(self, plan: PhasePlan, measured: Sequence[float]) -> None:
-        busy = self.network.worker_compute_seconds(plan, measured)
-        taking_part = sum(1 for c in plan.counts if c > 0)
-        self.now += max(busy, default=0.0)
-        self.busy += sum(busy) / taking_part if taking_part else 0.0
+        seconds, busy = self.network.phase_cost(plan, measured)
+        self.now += seconds
+        self.busy += busy
 
     def exchange(self, started_at: float, seconds: float) -> float:
         begin = max(started_at, self.network_free_at)

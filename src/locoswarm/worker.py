@@ -75,6 +75,9 @@ class Worker:
         self.optimizer = build_inner_optimizer(self.model, inner)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(train))
         self.params = list(self.model.parameters())
+        # Gradients are clipped per group: the whole model, or each pipeline stage on its own (its peer sees
+        # only its stage's gradient).
+        self.clip_groups: list[list[torch.nn.Parameter]] = [self.params]
         self.step = 0
         self.tokens = 0
         # Dropout draws from the global RNG of the model's device; each worker keeps its own stream so workers
@@ -122,9 +125,13 @@ class Worker:
         return loss.detach()
 
     def apply_grads(self) -> None:
-        """Clip (per worker), inner optimiser step, schedule step."""
+        """Clip (per worker, or per stage: ``clip_groups``), inner optimiser step, schedule step. A parameter
+        without a gradient (a pipeline stage peer that got no micro-batch) is left alone by the optimiser."""
         if self.train_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.train_cfg.grad_clip, foreach=True)
+            for group in self.clip_groups:
+                with_grad = [p for p in group if p.grad is not None]
+                if with_grad:
+                    torch.nn.utils.clip_grad_norm_(with_grad, self.train_cfg.grad_clip, foreach=True)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -276,6 +283,10 @@ class WorkerGroup:
                     w.params[i].copy_(t)
                 else:
                     w.params[i].mul_(alpha).add_(t, alpha=1.0 - alpha)
+
+    def take_stats(self) -> dict:
+        """Diagnostics of how the group ran since the last call, for the round's log row (a pipeline's)."""
+        return {}
 
     def state_dict(self) -> dict:
         return {"workers": [w.state_dict() for w in self.workers]}

@@ -51,6 +51,30 @@ class Round:
     rejected: dict[int, str] = field(default_factory=dict)  # global rank -> why its contribution was dropped
 
 
+def parallel_round(rounds: Sequence[Round]) -> Round:
+    """One phase's group rounds as one exchange: they ran side by side, so it lasts as long as the slowest, and a
+    worker's bytes are the mean over the workers that took part (a round's bytes are per member, as the sim's)."""
+    members = sorted(r for rnd in rounds for r in rnd.members)
+    sent = sum(r.bytes_sent * r.group_size for r in rounds)
+    received = sum(r.bytes_received * r.group_size for r in rounds)
+    payload = sum(r.payload_bytes * r.group_size for r in rounds)
+    taking_part = max(1, sum(r.group_size for r in rounds))
+    return Round(
+        tensors=[],
+        group_size=max((r.group_size for r in rounds), default=0),
+        bytes_sent=sent / taking_part,
+        bytes_received=received / taking_part,
+        seconds=max((r.seconds for r in rounds), default=0.0),
+        compression_ratio=sum(r.compression_ratio * r.group_size for r in rounds) / taking_part,
+        payload_bytes=payload / taking_part,
+        total_weight=sum(r.total_weight for r in rounds),
+        allgather=any(r.allgather for r in rounds),
+        key=rounds[0].key if rounds else DEFAULT_KEY,
+        members=members,
+        rejected=dict(sorted({k: v for r in rounds for k, v in r.rejected.items()}.items())),
+    )
+
+
 def commitment(blob: bytes) -> str:
     """What a peer commits to in a round's metadata: the SHA-256 of its phase's start state, hex."""
     return hashlib.sha256(blob).hexdigest()

@@ -26,6 +26,7 @@ class GPTShape:
     seq_len: int
     vocab_size: int = 256
     dropout: float = 0.0
+    tie_embeddings: bool = True  # one (V, C) matrix for the token embedding and the head
 
 
 class CausalSelfAttention(nn.Module):
@@ -83,8 +84,12 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(shape) for _ in range(shape.n_layer)])
         self.ln_f = nn.LayerNorm(shape.d_model)
         self.head = nn.Linear(shape.d_model, shape.vocab_size, bias=False)
-        self.head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix for input and output
+        if shape.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix for input and output
         self.apply(self._init_weights)
+        if not shape.tie_embeddings:  # untied (a pipeline's first and last stage): both start from one matrix
+            with torch.no_grad():
+                self.head.weight.copy_(self.tok_emb.weight)
         # GPT-2's scaled init of the residual projections keeps the residual stream's variance flat in depth.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
@@ -103,13 +108,22 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """idx, targets: (B, T) int64. Returns (logits (B, T, V), mean cross-entropy or None)."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.output(x, targets)
+
+    # The pieces a pipeline stage runs (pipeline/stages.py): embed, then blocks, then output.
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (B, T) int64 -> the residual stream (B, T, C)."""
         _, t = idx.shape
         if t > self.shape.seq_len:
             raise ValueError(f"sequence of length {t} exceeds model.seq_len={self.shape.seq_len}")
         pos = torch.arange(t, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+
+    def output(self, x: torch.Tensor, targets: torch.Tensor | None = None):
+        """The residual stream (B, T, C) -> (logits (B, T, V), mean cross-entropy or None)."""
         logits = self.head(self.ln_f(x))  # (B, T, V)
         if targets is None:
             return logits, None

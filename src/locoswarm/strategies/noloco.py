@@ -34,7 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
-from locoswarm.comm.base import DEFAULT_KEY, Averager, Round
+from locoswarm.comm.base import DEFAULT_KEY, Averager, parallel_round
 from locoswarm.config import OuterOptimizerConfig
 from locoswarm.faults import PhasePlanner
 from locoswarm.outer import OuterOptimizer
@@ -52,30 +52,6 @@ def gossip_groups(ranks: Sequence[int], group_size: int, seed: int, phase: int) 
     g = torch.Generator().manual_seed(derive_seed(seed, "gossip", phase))
     order = [ranks[i] for i in torch.randperm(len(ranks), generator=g).tolist()]
     return [sorted(order[i : i + group_size]) for i in range(0, len(order), group_size)]
-
-
-def parallel_round(rounds: Sequence[Round]) -> Round:
-    """One phase's group rounds as one exchange: they ran side by side, so it lasts as long as the slowest, and a
-    worker's bytes are the mean over the workers that took part (a round's bytes are per member, as the sim's)."""
-    members = sorted(r for rnd in rounds for r in rnd.members)
-    sent = sum(r.bytes_sent * r.group_size for r in rounds)
-    received = sum(r.bytes_received * r.group_size for r in rounds)
-    payload = sum(r.payload_bytes * r.group_size for r in rounds)
-    taking_part = max(1, sum(r.group_size for r in rounds))
-    return Round(
-        tensors=[],
-        group_size=max((r.group_size for r in rounds), default=0),
-        bytes_sent=sent / taking_part,
-        bytes_received=received / taking_part,
-        seconds=max((r.seconds for r in rounds), default=0.0),
-        compression_ratio=sum(r.compression_ratio * r.group_size for r in rounds) / taking_part,
-        payload_bytes=payload / taking_part,
-        total_weight=sum(r.total_weight for r in rounds),
-        allgather=any(r.allgather for r in rounds),
-        key=rounds[0].key if rounds else DEFAULT_KEY,
-        members=members,
-        rejected=dict(sorted({k: v for r in rounds for k, v in r.rejected.items()}.items())),
-    )
 
 
 class NoLoCo(ReplicaStrategy):

@@ -1,0 +1,208 @@
+"""SWARM-style pipelines on sim (pipeline.stages > 1): stages, routing, failures, pricing, and the identities that
+pin them to the whole-model strategies."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import final_params, max_rel_diff, tiny_config
+
+from locoswarm.config import NetworkConfig, validate
+from locoswarm.model import GPT, GPTShape
+from locoswarm.netsim import NetworkModel
+from locoswarm.pipeline import Call, Router, simulate_step, split_stages
+from locoswarm.trainer import train
+
+TOL = 1e-5
+
+
+def run(tmp_path, name: str, **overrides) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    cfg = tiny_config(train__checkpoint_every=1, **overrides)
+    summary = train(cfg, tmp_path / name)
+    assert summary["status"] == "ok", summary.get("error")
+    return summary, {w: final_params(tmp_path / name, w) for w in range(cfg.workers)}
+
+
+def worst(a: dict, b: dict) -> float:
+    return max(max_rel_diff(a[w], b[w]) for w in a)
+
+
+# ------------------------------------------------------------------ stages
+def test_split_balances_contiguous_stages_and_owns_every_parameter_once():
+    model = GPT(GPTShape(n_layer=6, n_head=2, d_model=32, seq_len=16, vocab_size=64, tie_embeddings=False))
+    names = [n for n, _ in model.named_parameters()]
+    for stages in (1, 2, 3, 6):
+        specs = split_stages(model, stages)
+        owned = sorted(i for s in specs for i in s.params)
+        assert owned == list(range(len(names)))  # every parameter in exactly one stage
+        assert [s.blocks[0] for s in specs] == [0] + [s.blocks[1] for s in specs[:-1]]  # contiguous
+        assert all(s.blocks[1] > s.blocks[0] for s in specs)  # at least one block each
+        assert {names[i] for i in specs[0].params} >= {"tok_emb.weight", "pos_emb.weight"}
+        assert {names[i] for i in specs[-1].params} >= {"head.weight", "ln_f.weight"}
+    # balanced: no other contiguous cut of 6 blocks into 2 stages has a smaller largest stage
+    sizes = [s.numel for s in split_stages(model, 2)]
+    per_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.0."))
+    assert abs(sizes[0] - sizes[1]) <= per_block
+
+
+def test_a_tied_model_cannot_be_cut():
+    tied = GPT(GPTShape(n_layer=2, n_head=2, d_model=16, seq_len=8, vocab_size=32))
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        split_stages(tied, 2)
+
+
+def test_untied_model_starts_from_the_tied_weights():
+    torch.manual_seed(0)
+    untied = GPT(GPTShape(n_layer=2, n_head=2, d_model=16, seq_len=8, vocab_size=32, tie_embeddings=False))
+    assert untied.head.weight is not untied.tok_emb.weight
+    assert torch.equal(untied.head.weight, untied.tok_emb.weight)
+
+
+# ------------------------------------------------------------------ identities
+def test_two_stages_with_ddp_equal_the_unsplit_model(tmp_path):
+    """SWARM with fixed routing is data parallelism over the same micro-batches: S=2 equals S=1 (untied head)."""
+    common = dict(algorithm__name="ddp", train__max_steps=8, train__grad_clip=0.0)
+    _, whole = run(tmp_path, "whole", model__tie_embeddings=False, **common)
+    _, piped = run(tmp_path, "piped", pipeline__stages=2, **common)
+    assert worst(piped, whole) <= TOL
+
+
+def test_two_stages_with_diloco_equal_the_unsplit_model(tmp_path):
+    """DiLoCo-SWARM with fixed routing, one micro-batch, no clipping: each stage's peers average their stage's
+    pseudo-gradients, which is diloco's average of whole replicas."""
+    common = dict(train__max_steps=9, train__grad_clip=0.0)
+    _, whole = run(tmp_path, "whole", model__tie_embeddings=False, **common)
+    _, piped = run(tmp_path, "piped", pipeline__stages=2, **common)
+    assert worst(piped, whole) <= TOL
+
+
+def test_stochastic_routing_with_ddp_is_still_exact(tmp_path):
+    """Every stage accumulates each micro-batch once and ddp averages the sums: the routing cannot change the
+    gradient, only who computed it. Speeds make the draw uneven; 4 micro-batches per worker."""
+    common = dict(algorithm__name="ddp", train__max_steps=6, pipeline__stages=2, pipeline__microbatches=4)
+    speeds = dict(network__compute_speed=[1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 0.5, 1.0])
+    fixed_summary, fixed = run(tmp_path, "fixed", **common)
+    summary, stochastic = run(tmp_path, "stochastic", pipeline__routing="stochastic", **common, **speeds)
+    assert worst(stochastic, fixed) <= TOL
+    assert summary["stage_load"] != fixed_summary["stage_load"]  # the work really moved between peers
+    assert [sum(row) for row in summary["stage_load"]] == [6 * 4 * 4] * 2
+
+
+def test_failed_calls_are_retried_and_every_micro_batch_counts_once(tmp_path):
+    """Peers fail 15% of their calls; each failed call is retried on another peer of its stage. With ddp every peer
+    of a stage holds the same parameters, so a run with failures must equal one without, to float rounding: a
+    micro-batch lost or counted twice would change the averaged gradient."""
+    common = dict(algorithm__name="ddp", train__max_steps=6, pipeline__stages=2, pipeline__microbatches=2)
+    _, clean = run(tmp_path, "clean", **common)
+    summary, failing = run(tmp_path, "failing", pipeline__failure_prob=0.15, **common)
+    assert summary["stage_failures"] > 5
+    assert [sum(row) for row in summary["stage_load"]] == [6 * 4 * 2] * 2  # each stage: every micro-batch once
+    assert worst(failing, clean) <= TOL
+
+
+def test_microbatches_do_not_change_the_gradient(tmp_path):
+    common = dict(algorithm__name="ddp", train__max_steps=5, pipeline__stages=2, train__grad_clip=0.0)
+    _, one = run(tmp_path, "one", **common)
+    _, four = run(tmp_path, "four", pipeline__microbatches=4, **common)
+    assert worst(four, one) <= TOL
+
+
+# ------------------------------------------------------------------ routing
+def test_stochastic_routing_sends_work_in_proportion_to_throughput():
+    router = Router("stochastic", stages=1, peers=3, seed=7)
+    for peer, seconds in enumerate([1.0, 0.5, 0.25]):  # throughput 1 : 2 : 4
+        router.observe(0, peer, seconds)
+    n = 7000
+    picks = [router.pick(0, 0, [True] * 3, (step, 0, 0)) for step in range(n)]
+    shares = [picks.count(p) / n for p in range(3)]
+    for share, expected in zip(shares, [1 / 7, 2 / 7, 4 / 7], strict=True):
+        assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    assert router.pick(0, 0, [True, False, False], (0, 0, 0)) == 0  # only live peers are picked
+
+
+def test_a_heterogeneous_stage_gets_work_by_speed_in_a_run(tmp_path):
+    """In a run, stage 1's peer 1 computes 3x faster than its peers; the router measures it and sends it about
+    3/6 of stage 1's micro-batches."""
+    summary, _ = run(tmp_path, "hetero", algorithm__name="ddp", train__max_steps=10, pipeline__stages=2,
+                     pipeline__routing="stochastic", pipeline__microbatches=4, network__step_seconds=0.1,
+                     network__compute_speed=[1.0, 1.0, 1.0, 1.0, 1.0, 3.0, 1.0, 1.0])  # fmt: skip
+    load = summary["stage_load"]
+    n = sum(load[1])
+    assert n == 10 * 4 * 4
+    assert abs(load[1][1] / n - 0.5) < 4 * math.sqrt(0.25 / n)
+    assert max(load[0]) / n < 0.4  # stage 0's peers are alike: no one gets stage 1's favourite's share
+
+
+def test_fixed_routing_falls_back_to_the_next_live_peer():
+    router = Router("fixed", stages=2, peers=4, seed=0)
+    assert router.pick(1, 2, [True] * 4, (0, 0, 0)) == 2
+    assert router.pick(1, 2, [True, True, False, False], (0, 0, 0)) == 0
+
+
+# ------------------------------------------------------------------ pricing
+def test_schedule_of_one_micro_batch_is_its_chain_and_two_overlap():
+    net = NetworkModel(NetworkConfig(bandwidth_mbps=8.0, latency_ms=0.0), workers=2)  # 1 MB/s links
+    hop = net.transfer_seconds(0, 1, 1e6)
+    assert hop == pytest.approx(1.0 * (1 + net.cfg.wire_overhead) / net.cfg.link_efficiency)
+    one = [Call(0, 1.0, False), Call(1, 1.0, False, 0, 1e6), Call(1, 2.0, True), Call(0, 2.0, True, 1, 1e6)]
+    makespan, busy = simulate_step([one], net, 2)
+    assert makespan == pytest.approx(6.0 + 2 * hop)
+    assert busy == [3.0, 3.0]
+    # a second micro-batch: stage 0 runs its forward while stage 1 works on the first (less than twice as long)
+    two, _ = simulate_step([one, one], net, 2)
+    assert makespan < two < 2 * makespan
+
+
+def test_activation_codecs_shrink_the_bytes_between_stages(tmp_path):
+    common = dict(algorithm__name="ddp", train__max_steps=3, pipeline__stages=2)
+    fp32, _ = run(tmp_path, "none", **common)
+    fp16, _ = run(tmp_path, "fp16", pipeline__activation_codec="fp16", **common)
+    int8, _ = run(tmp_path, "int8", pipeline__activation_codec="int8", **common)
+    # K=4 workers, 1 micro-batch of 4 x 32 tokens x 32 channels, forward and backward, over 8 peers, 3 steps
+    assert fp32["activation_bytes_total"] == 3 * 4 * 2 * (4 * 32 * 32 * 4) / 8
+    assert fp16["activation_bytes_total"] == fp32["activation_bytes_total"] / 2
+    assert fp32["activation_bytes_total"] / 4 < int8["activation_bytes_total"] < fp32["activation_bytes_total"] / 3
+    assert math.isfinite(int8["final_val_loss"])
+
+
+def test_pipeline_is_priced_by_its_schedule(tmp_path):
+    """With network.step_seconds, one micro-batch per worker and fast links, a step is the chain of both stages'
+    forward and backward (the pipeline's bubble: each stage idles while the other works), so utilisation is
+    about 1/S."""
+    summary, _ = run(tmp_path, "priced", algorithm__name="ddp", train__max_steps=4, pipeline__stages=2,
+                     network__step_seconds=1.0, network__bandwidth_mbps=1e6, network__latency_ms=0.0)  # fmt: skip
+    assert summary["sim_seconds"] == pytest.approx(4.0, rel=0.01)  # 4 steps of 1 s (+ the tiny all-reduces)
+    assert summary["compute_utilisation"] == pytest.approx(0.5, rel=0.02)
+
+
+def test_resume_matches_an_uninterrupted_pipeline(tmp_path):
+    common = dict(train__max_steps=9, pipeline__stages=2, pipeline__routing="stochastic", pipeline__microbatches=2,
+                  pipeline__failure_prob=0.1, network__compute_speed=[1.0, 2.0])  # fmt: skip
+    _, straight = run(tmp_path, "straight", **common)
+    cfg = tiny_config(train__checkpoint_every=1, **common)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "resumed", stop_after_step=3)
+    cfg.resume = True
+    assert train(cfg, tmp_path / "resumed")["status"] == "ok"
+    resumed = {w: final_params(tmp_path / "resumed", w) for w in range(cfg.workers)}
+    assert worst(resumed, straight) == 0.0
+
+
+# ------------------------------------------------------------------ configuration
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (dict(pipeline__stages=3), "pipeline.stages"),  # more stages than blocks (n_layer=2)
+        (dict(pipeline__stages=2, pipeline__microbatches=3), "pipeline.microbatches"),
+        (dict(pipeline__routing="stochastic"), "pipeline.routing"),  # a pipeline setting without a pipeline
+        (dict(pipeline__stages=2, algorithm__name="noloco"), "algorithm"),
+        (dict(pipeline__stages=2, pipeline__rebalance_every=5), "pipeline.rebalance_every"),
+        (dict(pipeline__stages=2, pipeline__failure_prob=1.0), "pipeline.failure_prob"),
+        (dict(pipeline__stages=2, model__dropout=0.1), "model.dropout"),
+    ],
+)
+def test_bad_pipeline_settings_name_their_key(overrides, key):
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        validate(tiny_config(**overrides))
