@@ -6,7 +6,8 @@ DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` 
 ``reproduce_streaming.py --out`` folder) and, for the attacks section (macros ``attacks.*``), by
 ``experiments/attacks_report.py`` from ATTACKS_RUNS (a ``reproduce_attacks.py --out`` folder) and, for the
 heterogeneous-swarm section (macros ``heterogeneous.*``), by ``experiments/reproduce_heterogeneous.py`` from
-HETEROGENEOUS_RUNS (its ``--out`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
+HETEROGENEOUS_RUNS (its ``--out`` folder) and, for the SWARM section (macros ``swarm.*``), by
+``experiments/reproduce_swarm.py`` from SWARM_RUNS (its ``--out`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
 ``numbers.json``, ``tables/`` and ``figures/``.
 """
 
@@ -121,6 +122,16 @@ def heterogeneous_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[s
     return nums, tables
 
 
+def swarm_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``swarm.*``) and the table (``swarm``) of the SWARM section; draws ``figures/swarm.png``."""
+    import reproduce_swarm as rs
+
+    nums, tables = rs.paper_numbers(runs)
+    rs.figure(runs, out / "figures" / "swarm.png")
+    nums["swarm.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    return nums, tables
+
+
 def count_params(rep, variant: str = "diloco") -> int:
     """Parameters of the reference run's (``variant``'s) model, built on the meta device (no memory, any size)."""
     import torch
@@ -135,7 +146,9 @@ def count_params(rep, variant: str = "diloco") -> int:
         return GPT(shape).num_params()
 
 
-def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heterogeneous_runs: Path) -> Path:
+def build(
+    runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heterogeneous_runs: Path, swarm_runs: Path
+) -> Path:
     from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
     from pdf import render
 
@@ -159,6 +172,9 @@ def build(runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heter
     h_nums, h_tables = heterogeneous_section(heterogeneous_runs, out)
     nums.update(h_nums)
     md_tables.update(h_tables)
+    w_nums, w_tables = swarm_section(swarm_runs, out)
+    nums.update(w_nums)
+    md_tables.update(w_tables)
     for name, text in md_tables.items():
         (out / "tables" / f"{name}.md").write_text(text + "\n")
     for study, t in tables.items():
@@ -183,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a reproduce_attacks.py --out folder (default: committed ci)")  # fmt: skip
     p.add_argument("--heterogeneous-runs", default="results/heterogeneous_ci",
                    help="a reproduce_heterogeneous.py --out folder (default: committed)")  # fmt: skip
+    p.add_argument("--swarm-runs", default="results/swarm_ci",
+                   help="a reproduce_swarm.py --out folder (default: committed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "build")
     args = p.parse_args(argv)
     build(resolve_runs(args.runs), args.out.resolve(), resolve_runs(args.streaming_runs),
-          resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs))  # fmt: skip
+          resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs), resolve_runs(args.swarm_runs))  # fmt: skip
     return 0
 
 
