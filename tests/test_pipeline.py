@@ -111,15 +111,15 @@ def test_microbatches_do_not_change_the_gradient(tmp_path):
 
 # ------------------------------------------------------------------ routing
 def test_stochastic_routing_sends_work_in_proportion_to_throughput():
-    router = Router("stochastic", stages=1, peers=3, seed=7)
+    router = Router("stochastic", peers=3, seed=7)
     for peer, seconds in enumerate([1.0, 0.5, 0.25]):  # throughput 1 : 2 : 4
-        router.observe(0, peer, seconds)
+        router.observe(peer, seconds)
     n = 7000
-    picks = [router.pick(0, 0, [True] * 3, (step, 0, 0)) for step in range(n)]
+    picks = [router.pick(0, 0, [0, 1, 2], (step, 0, 0, 0)) for step in range(n)]
     shares = [picks.count(p) / n for p in range(3)]
     for share, expected in zip(shares, [1 / 7, 2 / 7, 4 / 7], strict=True):
         assert abs(share - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
-    assert router.pick(0, 0, [True, False, False], (0, 0, 0)) == 0  # only live peers are picked
+    assert router.pick(0, 0, [0, None, None], (0, 0, 0, 0)) == 0  # only live peers are picked
 
 
 def test_a_heterogeneous_stage_gets_work_by_speed_in_a_run(tmp_path):
@@ -136,9 +136,51 @@ def test_a_heterogeneous_stage_gets_work_by_speed_in_a_run(tmp_path):
 
 
 def test_fixed_routing_falls_back_to_the_next_live_peer():
-    router = Router("fixed", stages=2, peers=4, seed=0)
-    assert router.pick(1, 2, [True] * 4, (0, 0, 0)) == 2
-    assert router.pick(1, 2, [True, True, False, False], (0, 0, 0)) == 0
+    router = Router("fixed", peers=8, seed=0)
+    assert router.pick(1, 2, [4, 5, 6, 7], (0, 0, 0, 0)) == 2
+    assert router.pick(1, 2, [4, 5, None, None], (0, 0, 0, 0)) == 0
+
+
+# ------------------------------------------------------------------ rebalancing
+SLOW_STAGE = [1.0] * 4 + [0.25] * 4  # stage 1's peers compute 4x slower than stage 0's
+
+
+def test_peers_move_to_the_slow_stage_and_the_pipeline_speeds_up(tmp_path):
+    """Stage 1 is 4x slower: rebalancing moves stage-0 peers there (downloading its state) until the slowest
+    stage's throughput stops rising; the run takes less simulated time for the same work."""
+    common = dict(algorithm__name="ddp", train__max_steps=12, pipeline__stages=2, pipeline__routing="stochastic",
+                  pipeline__microbatches=2, network__step_seconds=0.1, network__compute_speed=SLOW_STAGE)  # fmt: skip
+    still, _ = run(tmp_path, "still", **common)
+    moving, _ = run(tmp_path, "moving", pipeline__rebalance_every=2, **common)
+    load = moving["stage_load"]
+    peers = moving["stage_peers"]
+    assert peers[1] > 4 and peers[0] < 4 and sum(peers) == 8  # stage 1 gained peers, stage 0 gave them
+    assert sum(1 for c in load[1] if c > 0) > 4  # and they served it
+    assert moving["stage_moves"] >= 1 and moving["rebalance_bytes"] > 0
+    assert [sum(row) for row in load] == [12 * 4 * 2] * 2  # every micro-batch once per stage
+    assert moving["sim_seconds"] < 0.8 * still["sim_seconds"]
+
+
+def test_rebalancing_under_ddp_changes_nothing_but_who_computes(tmp_path):
+    """Under ddp every peer of a stage holds the same parameters and optimiser state, so a moved peer that
+    downloaded them, and the uniform average over the new pools, must give the unmoved numbers to float rounding
+    (its stage's gradient sum is rescaled to the new pool size)."""
+    common = dict(algorithm__name="ddp", train__max_steps=10, pipeline__stages=2, pipeline__routing="stochastic",
+                  pipeline__microbatches=2, network__step_seconds=0.1, network__compute_speed=SLOW_STAGE)  # fmt: skip
+    _, still = run(tmp_path, "still", **common)
+    summary, moving = run(tmp_path, "moving", pipeline__rebalance_every=2, **common)
+    assert summary["stage_moves"] >= 1
+    assert max(max_rel_diff(moving[0], still[0]), max_rel_diff(moving[1], still[1])) <= TOL
+
+
+def test_balanced_stages_never_move(tmp_path):
+    """Equal peers and a balanced cut: no move can raise the slowest stage, so rebalancing is a no-op and the
+    numbers are exactly those of the run without it (no special case: the rule finds nothing to gain)."""
+    common = dict(train__max_steps=9, pipeline__stages=2, pipeline__routing="stochastic", network__step_seconds=0.1)
+    _, still = run(tmp_path, "still", **common)
+    summary, moving = run(tmp_path, "moving", pipeline__rebalance_every=1, **common)
+    assert summary["stage_moves"] == 0
+    assert worst({w: moving[w] for w in still}, still) == 0.0
 
 
 # ------------------------------------------------------------------ pricing
@@ -178,9 +220,12 @@ def test_pipeline_is_priced_by_its_schedule(tmp_path):
 
 
 def test_resume_matches_an_uninterrupted_pipeline(tmp_path):
+    """Routing, failures and moved peers all resume exactly: the throughput estimates, who serves which stage and
+    the moved peers' downloaded state are in the checkpoint."""
     common = dict(train__max_steps=9, pipeline__stages=2, pipeline__routing="stochastic", pipeline__microbatches=2,
-                  pipeline__failure_prob=0.1, network__compute_speed=[1.0, 2.0])  # fmt: skip
-    _, straight = run(tmp_path, "straight", **common)
+                  pipeline__failure_prob=0.1, pipeline__rebalance_every=2, network__compute_speed=SLOW_STAGE)  # fmt: skip
+    summary, straight = run(tmp_path, "straight", **common)
+    assert summary["stage_moves"] >= 1 and summary["stage_failures"] >= 1
     cfg = tiny_config(train__checkpoint_every=1, **common)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "resumed", stop_after_step=3)
@@ -198,7 +243,7 @@ def test_resume_matches_an_uninterrupted_pipeline(tmp_path):
         (dict(pipeline__stages=2, pipeline__microbatches=3), "pipeline.microbatches"),
         (dict(pipeline__routing="stochastic"), "pipeline.routing"),  # a pipeline setting without a pipeline
         (dict(pipeline__stages=2, algorithm__name="noloco"), "algorithm"),
-        (dict(pipeline__stages=2, pipeline__rebalance_every=5), "pipeline.rebalance_every"),
+        (dict(pipeline__stages=2, pipeline__rebalance_every=5), "pipeline.rebalance_every"),  # fixed routing
         (dict(pipeline__stages=2, pipeline__failure_prob=1.0), "pipeline.failure_prob"),
         (dict(pipeline__stages=2, model__dropout=0.1), "model.dropout"),
     ],

@@ -85,7 +85,10 @@ class Counters:
         self.compression_ratio = 1.0
         self.activation_bytes = 0.0  # a pipeline's bytes between stages, per stage peer
         self.stage_failures = 0
-        self.stage_load: list[list[int]] | None = None  # micro-batches per [stage][peer]
+        self.stage_load: list[list[int]] | None = None  # micro-batches per [stage][column]
+        self.stage_moves = 0  # peers moved between stages (pipeline.rebalance_every)
+        self.rebalance_bytes = 0.0  # the stage state they downloaded
+        self.stage_peers: list[int] | None = None  # peers per stage at the end
         # sync fields accumulated since the last row (a round of one step may end between rows)
         self.since_row = {"bytes_sent": 0.0, "bytes_received": 0.0, "comm_seconds": 0.0}
         self.rejected: list[dict] = []  # contributions screened out since the last row: {rank, reason, key}
@@ -256,8 +259,8 @@ class Bookkeeper:
             raise KeyboardInterrupt(f"stop_after_step={self.stop_after_step}")
 
     def _pipeline_stats(self) -> None:
-        """A pipeline's bytes between stages (per peer) and failed calls go into the rows like the sync fields;
-        its micro-batches per stage peer into the summary."""
+        """A pipeline's bytes between stages (per peer), failed calls and moved peers go into the rows like the
+        sync fields; its micro-batches per stage slot and its peers per stage into the summary."""
         stats = self.run.group.take_stats()
         if not stats:
             return
@@ -266,6 +269,11 @@ class Bookkeeper:
             c.since_row[key] = c.since_row.get(key, 0.0) + stats[key]
         c.activation_bytes += stats["activation_bytes"]
         c.stage_failures += stats["stage_failures"]
+        c.stage_moves += stats["stage_moves"]
+        c.rebalance_bytes += stats["rebalance_bytes"]
+        c.stage_peers = stats["stage_peers"]
+        if stats["stage_moves"]:
+            c.since_row["stage_moves"] = c.since_row.get("stage_moves", 0.0) + stats["stage_moves"]
         load = stats["stage_load"]
         total = c.stage_load or [[0] * len(row) for row in load]
         c.stage_load = [[a + b for a, b in zip(x, y, strict=True)] for x, y in zip(total, load, strict=True)]
@@ -395,6 +403,9 @@ class Bookkeeper:
                     "activation_bytes_total": c.activation_bytes,
                     "stage_failures": c.stage_failures,
                     "stage_load": c.stage_load,
+                    "stage_moves": c.stage_moves,
+                    "rebalance_bytes": c.rebalance_bytes,
+                    "stage_peers": c.stage_peers,
                 }
                 if cfg.pipeline.stages > 1
                 else {}

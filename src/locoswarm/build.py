@@ -156,11 +156,15 @@ def build_pipeline(
     log.info("pipeline: %d stages x %d peers; blocks per stage %s, parameter shares %s", p.stages, cfg.workers,
              [s.blocks for s in specs], [round(s.numel / base.num_params(), 3) for s in specs])  # fmt: skip
     network = PipelineNetwork(cfg.network, cfg.workers, p.stages, seed=cfg.seed, call_failure_prob=p.failure_prob)
-    workers = [build_worker(cfg, data, base, r, device) for r in range(cfg.workers)]
-    router = Router(p.routing, p.stages, cfg.workers, derive_seed(cfg.seed, "routing"))
+    # One replica (column) per worker; with rebalancing, room for every peer but one per other stage in one stage.
+    columns = cfg.workers if p.rebalance_every == 0 else p.stages * cfg.workers - p.stages + 1
+    workers = [build_worker(cfg, data, base, c % cfg.workers, device) for c in range(columns)]
+    for c, w in enumerate(workers):
+        w.rank = c  # columns past K hold no data: their samplers never draw
+    router = Router(p.routing, p.stages * cfg.workers, derive_seed(cfg.seed, "routing"))
     codec = make_codec(CompressionConfig(name=p.activation_codec, block_size=cfg.compression.block_size))
-    group = PipelineGroup(workers, specs, router, network, p.microbatches, codec)
-    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], cfg.workers)
+    group = PipelineGroup(workers, cfg.workers, specs, router, network, p.microbatches, codec, p.rebalance_every)
+    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], group.stage_peers)
     return group, network, averager
 
 

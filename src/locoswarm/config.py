@@ -287,7 +287,9 @@ class PipelineConfig:
     """How activations (forward) and their gradients (backward) cross a stage boundary: none (fp32), fp16,
     int8 (blockwise, compression.block_size); byte-counted as activation_bytes."""
     rebalance_every: int = 0
-    """Steps between moves of a peer from an over-served stage to the slowest one (0 = never)."""
+    """Every N steps, move one peer from the stage with the most throughput to the one with the least, if that
+    raises the slowest stage's; it downloads the stage's parameters and optimiser state from a peer serving it
+    (SWARM's rebalancing; needs routing=stochastic; 0 = never)."""
     failure_prob: float = 0.0
     """sim: the chance that a stage peer fails a forward or backward call (seeded per call); the micro-batch is
     retried on another peer of that stage and the failed peer sits out the rest of the step."""
@@ -814,8 +816,9 @@ def _validate_pipeline(cfg: Config, need) -> None:
             need(_enum_value(getattr(p, key)) == _enum_value(default), f"pipeline.{key}", _enum_value(getattr(p, key)),
                  "applies to a pipeline: set pipeline.stages > 1")  # fmt: skip
         return
-    need(p.rebalance_every == 0, "pipeline.rebalance_every", p.rebalance_every,
-         "rebalancing has not landed yet (issue 13): use 0")  # fmt: skip
+    need(p.rebalance_every == 0 or _enum_value(p.routing) == "stochastic", "pipeline.rebalance_every",
+         p.rebalance_every, "moving peers between stages needs pipeline.routing=stochastic (fixed routing pins "
+         "worker i's micro-batches to column i)")  # fmt: skip
     need(_enum_value(cfg.backend.name) == "sim", "pipeline.stages", p.stages,
          "a pipeline runs on backend=sim so far (the hivemind stage servers have not landed: issue 13)")  # fmt: skip
     need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco") and not cfg.algorithm.eager, "algorithm",

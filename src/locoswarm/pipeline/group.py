@@ -1,27 +1,32 @@
-"""A SWARM-style pipeline on the ``sim`` backend: K replicas of a GPT cut into S stages, stage s of replica i
-served by its own peer (s, i) (global id s * K + i), S x K peers in all.
+"""A SWARM-style pipeline on the ``sim`` backend: replicas of a GPT cut into S stages, stage s of replica (column)
+c served by its own peer. Peer s * K + i starts in column i of stage s: S x K peers, K = workers.
 
-To a strategy this is a ``WorkerGroup`` of K workers like any other: per parameter a (K, *shape) stack whose row
-i is the copy held by peer i of the stage that owns it. Averaging rows is averaging each stage among its peers
-(``comm/staged.py``), so ddp is SWARM (each stage all-reduces its gradients every step) and diloco is
-DiLoCo-SWARM (each stage averages its pseudo-gradients every H steps) with no change to either strategy.
+To a strategy this is a ``WorkerGroup`` like any other: per parameter a (C, *shape) stack whose row c is the copy
+held by the peer serving that parameter's stage from column c. Averaging rows is averaging each stage among its
+peers (``comm/staged.py``), so ddp is SWARM (each stage all-reduces its gradients every step) and diloco is
+DiLoCo-SWARM (each stage averages its pseudo-gradients every H steps) with no change to either strategy. Without
+rebalancing C = K and every slot is served; with it (``pipeline.rebalance_every``) there are free slots a peer
+moving to a slow stage can take (C = S*K - S + 1, room for all peers but one per other stage), and the slot it
+leaves is free: it takes no part in its old stage's averaging.
 
-What differs is how a step runs. Each worker's batch is cut into ``microbatches`` micro-batches; each goes
-forward through one peer per stage and back (``Router``: fixed, or stochastic in proportion to throughput), its
-activations and their gradients crossing every stage boundary through ``activation_codec`` (byte-counted). A
-peer that fails a call (``pipeline.failure_prob``, drawn per call by the fault schedule) sits out the rest of the
-step and the call is retried on another live peer of its stage; a backward retry first re-runs that stage's
-forward on the new peer from the same input. Each stage records each micro-batch's backward exactly once.
+What differs is how a step runs. Each worker's batch (the first K columns hold the workers' data) is cut into
+``microbatches`` micro-batches; each goes forward through one peer per stage and back (``Router``: fixed, or
+stochastic in proportion to throughput), its activations and their gradients crossing every stage boundary
+through ``activation_codec`` (byte-counted). A peer that fails a call (``pipeline.failure_prob``, drawn per call by
+the fault schedule) sits out the rest of the step and the call is retried on another live peer of its stage; a
+backward retry first re-runs that stage's forward on the new peer from the same input. Each stage records each
+micro-batch's backward exactly once. The failure is of one call (a timeout, an overload): the peer keeps what it
+had accumulated this step.
 
-A peer sums its micro-batches' gradients. ddp's contribution of peer i is that sum / microbatches, so the mean
-over a stage's K peers is the mean gradient over all K x microbatches micro-batches whatever the routing (SWARM's
-exact accumulation). A local step (diloco) uses the mean over the peer's own micro-batches; a peer that got none
-this step does not step its parameters.
+A peer sums its micro-batches' gradients. ddp's contribution of a peer is that sum x (peers in its stage /
+micro-batches in the step), so the uniform mean over the stage's peers is the mean gradient over every micro-batch
+whatever the routing and the pool sizes (SWARM's exact accumulation). A local step (diloco) uses the mean over the
+peer's own micro-batches; a peer that got none this step does not step its parameters.
 
 Each step is priced by its schedule (``schedule.simulate_step``): measured call times, or network.step_seconds
 split by the stages' parameter shares (forward 1/3, backward 2/3), slowed by a peer's straggler draw and divided
 by its compute speed (network.compute_speed over the S x K peers). ``PipelineNetwork`` hands that cost to the
-strategy's timeline.
+strategy's timeline. A moved peer's download is counted (``rebalance_bytes``), not priced.
 """
 
 from __future__ import annotations
@@ -66,48 +71,73 @@ class PipelineGroup(WorkerGroup):
     def __init__(
         self,
         workers: Sequence[Worker],
+        lanes: int,
         specs: Sequence[StageSpec],
         router: Router,
         network: PipelineNetwork,
         microbatches: int,
         codec: Codec,
+        rebalance_every: int = 0,
     ):
+        """workers: one replica per column (C >= lanes); the first ``lanes`` hold the workers' data. Peer s*K + i
+        starts in column i of stage s (K = lanes); the other columns are free slots a rebalanced peer can take."""
         super().__init__(workers)
-        self.specs = list(specs)
+        self.lanes, self.specs = lanes, list(specs)
         self.router, self.network, self.microbatches, self.codec = router, network, microbatches, codec
+        self.rebalance_every = rebalance_every
+        # occupant[s][c]: the peer serving stage s from column c's replica (None: a free slot)
+        self.occupant: list[list[int | None]] = [
+            [s * lanes + c if c < lanes else None for c in range(self.size)] for s in range(len(self.specs))
+        ]
         for w in self.workers:  # a stage peer clips its own stage's gradient: it sees no other
             w.clip_groups = [[w.params[i] for i in s.params] for s in self.specs]
         total = sum(s.numel for s in self.specs)
         self.shares = [s.numel / total for s in self.specs]
         self.processed = [0] * len(self.specs)  # backward calls recorded per stage, over the run
         self.failures = 0  # failed calls over the run
+        self.moves = 0  # peers moved between stages over the run
         self._last_seconds: dict[tuple[int, bool], float] = {}  # a stage's last measured call, per direction
-        self._since = {"activation_bytes": 0.0, "stage_failures": 0, "stage_load": self._zeros()}
+        self._since = self._fresh_stats()
 
-    def _zeros(self) -> list[list[int]]:
-        return [[0] * self.size for _ in self.specs]
+    def _fresh_stats(self) -> dict:
+        return {"activation_bytes": 0.0, "stage_failures": 0, "stage_moves": 0, "rebalance_bytes": 0.0,
+                "stage_load": [[0] * self.size for _ in self.specs]}  # fmt: skip
 
     @property
     def stages(self) -> int:
         return len(self.specs)
 
-    def peer(self, stage: int, index: int) -> int:
-        """The global id of peer ``index`` of ``stage``."""
-        return stage * self.size + index
+    def peer(self, stage: int, column: int) -> int:
+        """The global id of the peer serving ``stage`` from ``column``."""
+        p = self.occupant[stage][column]
+        if p is None:
+            raise RuntimeError(f"no peer serves stage {stage} from column {column}")
+        return p
+
+    def stage_peers(self, stage: int) -> list[int | None]:
+        """Per column, the peer serving ``stage`` there (None: a free slot)."""
+        return list(self.occupant[stage])
+
+    def tokens_per_step(self) -> torch.Tensor:
+        """Only the first ``lanes`` columns hold data."""
+        return torch.tensor([w.tokens_per_step if c < self.lanes else 0 for c, w in enumerate(self.workers)],
+                            dtype=torch.float64)  # fmt: skip
 
     # ------------------------------------------------------------------ one step of every micro-batch
-    def _step(self, active: Sequence[bool]) -> tuple[list[float], list[list[int]], float]:
+    def _step(self, active: Sequence[bool]) -> tuple[list[float], list[list[int]], float, int]:
         """Forward and backward of every active worker's micro-batches. Leaves in each stage peer's parameters the
-        SUM of its micro-batches' gradients. Returns (loss per worker, NaN if inactive; micro-batches per
-        [stage][peer]; the step's modelled seconds)."""
+        SUM of its micro-batches' gradients. Returns (loss per column, NaN without data; micro-batches per
+        [stage][column]; the step's modelled seconds; the micro-batches in the step)."""
         step = self.step
-        live = [list(active) for _ in self.specs]  # an inactive worker's peers are not there this step
-        served = self._zeros()
+        # who can take a call this step: a served slot of an active column
+        live = [[p if active[c] else None for c, p in enumerate(row)] for row in self.occupant]
+        served = [[0] * self.size for _ in self.specs]
         losses = [math.nan] * self.size
         chains = []
-        for lane, w in enumerate(self.workers):
+        for lane in range(self.lanes):
             if not active[lane]:
                 continue
+            w = self.workers[lane]
             x, y = w.sampler.next()
             x, y = x.to(w.device, non_blocking=True), y.to(w.device, non_blocking=True)
             mb_losses = []
@@ -116,12 +146,13 @@ class PipelineGroup(WorkerGroup):
                 mb_losses.append(loss)
                 chains.append(chain)
             losses[lane] = sum(mb_losses) / len(mb_losses)
-        seconds, busy = simulate_step(chains, self.network, self.stages * self.size)
-        self.network.book(seconds, sum(busy) / len(busy))
+        peers = len(self.router.throughput)
+        seconds, busy = simulate_step(chains, self.network, peers)
+        self.network.book(seconds, sum(busy) / peers)
         for s in range(self.stages):
-            for i in range(self.size):
-                self._since["stage_load"][s][i] += served[s][i]
-        return losses, served, seconds
+            for c in range(self.size):
+                self._since["stage_load"][s][c] += served[s][c]
+        return losses, served, seconds, len(chains)
 
     def _microbatch(self, step, lane, mb, x, y, live, served) -> tuple[float, list[Call]]:
         last = self.stages - 1
@@ -177,15 +208,15 @@ class PipelineGroup(WorkerGroup):
         # wall-clock: peers of a stage differ only by speed and straggler draw, and a wall-clock measurement would
         # make the routing, and so the numbers, differ between two runs of one seed.
         peer = self.peer(s, p)
-        self.router.observe(s, p, self.shares[s] * self.network.faults.slowdown(peer, step) / self.network.speed(peer))
+        self.router.observe(peer, self.shares[s] * self.network.faults.slowdown(peer, step) / self.network.speed(peer))
         return out, secs
 
     def _fails(self, s: int, p: int, step: int, call: tuple[int, ...], live: list[bool]) -> bool:
         """Does peer p of stage s fail this call? A failed peer sits out the rest of the step; the last live
         peer of a stage does not fail (the stage would be gone)."""
-        if sum(live) <= 1 or not self.network.faults.call_fails(self.peer(s, p), step, call):
+        if sum(x is not None for x in live) <= 1 or not self.network.faults.call_fails(self.peer(s, p), step, call):
             return False
-        live[p] = False
+        live[p] = None
         self.failures += 1
         self._since["stage_failures"] += 1
         return True
@@ -218,44 +249,110 @@ class PipelineGroup(WorkerGroup):
 
     # ------------------------------------------------------------------ what a strategy calls
     def compute_grads(self) -> tuple[list[float], list[torch.Tensor], list[float]]:
-        losses, _, seconds = self._step([True] * self.size)
+        """ddp: each peer's contribution is its gradient sum x (peers in its stage / micro-batches in the step), so
+        the uniform mean over a stage's peers (``comm/staged.py``) is the mean gradient over every micro-batch."""
+        losses, _, seconds, n = self._step([True] * self.size)
         with torch.no_grad():
-            for w in self.workers:
-                for p in w.params:  # a peer that got no micro-batch contributes zeros
-                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad.div_(self.microbatches)
+            for spec, row in zip(self.specs, self.occupant, strict=True):
+                scale = sum(p is not None for p in row) / n
+                for w in self.workers:
+                    for i in spec.params:  # a peer that got no micro-batch (or a free slot) contributes zeros
+                        p = w.params[i]
+                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.mul_(scale)
         grads = [torch.stack([w.params[i].grad for w in self.workers]) for i in range(len(self.workers[0].params))]
         return losses, grads, [seconds] * self.size
+
+    def apply_grads(self, grads: Sequence[torch.Tensor]) -> None:
+        super().apply_grads(grads)
+        self._after_step()
 
     def inner_steps(self, n: int, counts: Sequence[int] | None = None) -> tuple[list[list[float]], list[float]]:
         counts = check_counts(n, counts, self.size)
         losses, seconds = [], [0.0] * self.size
         for t in range(n):
             active = [c > t for c in counts]
-            step_losses, served, secs = self._step(active)
+            step_losses, served, secs, _ = self._step(active)
             with torch.no_grad():
                 for spec, row in zip(self.specs, served, strict=True):
                     for w, k in zip(self.workers, row, strict=True):
                         for i in spec.params:  # no micro-batch: no gradient, and the optimiser leaves it alone
                             w.params[i].grad = None if k == 0 else w.params[i].grad.div_(k)
-            for lane, w in enumerate(self.workers):
-                if active[lane]:
+            for c, w in enumerate(self.workers):
+                if active[c]:
                     w.apply_grads()
-                    seconds[lane] += secs
+                    seconds[c] += secs
             losses.append(step_losses)
+            self._after_step()
         return losses, seconds
 
+    # ------------------------------------------------------------------ rebalancing
+    def _after_step(self) -> None:
+        if self.rebalance_every > 0 and self.step % self.rebalance_every == 0:
+            self._rebalance()
+
+    def stage_throughput(self) -> list[float]:
+        """Micro-batches per modelled second each stage can process: the sum of its peers' measured rates."""
+        return [sum(self.router.rates([p for p in row if p is not None])) for row in self.occupant]
+
+    @torch.no_grad()
+    def _rebalance(self) -> None:
+        """Move one peer from the stage with the most throughput to the one with the least, if that raises the
+        slowest stage's throughput (SWARM's rebalancing). The peer takes a free slot there and downloads the stage's
+        parameters and optimiser state from the fastest peer serving it."""
+        rates = self.stage_throughput()
+        slow = min(range(self.stages), key=lambda s: rates[s])
+        donors = [s for s in range(self.stages) if s != slow and sum(p is not None for p in self.occupant[s]) > 1]
+        if not donors:
+            return
+        fast = max(donors, key=lambda s: rates[s])
+        best = None
+        for c, p in enumerate(self.occupant[fast]):
+            if p is None:
+                continue
+            r = self.router.rates([p])[0]
+            moved = r * self.shares[fast] / self.shares[slow]  # its calls in the other stage cost by parameter share
+            new = min(rates[fast] - r, rates[slow] + moved)
+            if new > rates[slow] * (1 + 1e-9) and (best is None or new > best[0]):
+                best = (new, c, p, moved)
+        if best is None:
+            return
+        _, c, p, moved = best
+        to = self.occupant[slow].index(None)
+        serving = [(q, d) for d, q in enumerate(self.occupant[slow]) if q is not None]
+        source = self.workers[max(serving, key=lambda qd: self.router.rates([qd[0]])[0])[1]]
+        dest = self.workers[to]
+        nbytes = 0.0
+        for i in self.specs[slow].params:
+            dest.params[i].copy_(source.params[i])
+            state = source.optimizer.state.get(source.params[i])
+            dest.optimizer.state.pop(dest.params[i], None)
+            if state:
+                dest.optimizer.state[dest.params[i]] = {
+                    k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()
+                }
+            nbytes += sum(t.numel() * t.element_size() for t in [source.params[i], *(state or {}).values()]
+                          if torch.is_tensor(t))  # fmt: skip
+        self.occupant[fast][c], self.occupant[slow][to] = None, p
+        self.router.throughput[p] = moved
+        self.moves += 1
+        self._since["stage_moves"] += 1
+        self._since["rebalance_bytes"] += nbytes
+
+    # ------------------------------------------------------------------ books
     def take_stats(self) -> dict:
-        """What the pipeline did since the last call: bytes between stages per peer, failed calls, micro-batches
-        per [stage][peer]."""
-        since = self._since
-        self._since = {"activation_bytes": 0.0, "stage_failures": 0, "stage_load": self._zeros()}
-        return {**since, "activation_bytes": since["activation_bytes"] / (self.stages * self.size)}
+        """What the pipeline did since the last call: bytes between stages per peer, failed calls, peers moved and
+        the state they downloaded, micro-batches per [stage][column]."""
+        since, peers = self._since, len(self.router.throughput)
+        self._since = self._fresh_stats()
+        return {**since, "activation_bytes": since["activation_bytes"] / peers,
+                "stage_peers": [sum(p is not None for p in row) for row in self.occupant]}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "router": self.router.state_dict(), "processed": list(self.processed),
-                "failures": self.failures}  # fmt: skip
+                "failures": self.failures, "moves": self.moves, "occupant": [list(r) for r in self.occupant]}  # fmt: skip
 
     def load_state_dict(self, s: dict) -> None:
         super().load_state_dict(s)
         self.router.load_state_dict(s["router"])
-        self.processed, self.failures = list(s["processed"]), int(s["failures"])
+        self.processed, self.failures, self.moves = list(s["processed"]), int(s["failures"]), int(s["moves"])
+        self.occupant = [list(r) for r in s["occupant"]]

@@ -1,11 +1,12 @@
 """Which peer of each stage a micro-batch passes through (SWARM's wiring).
 
-fixed: micro-batches of worker i's data go through peer i of every stage (so S stages of K peers train exactly
-like K whole-model workers). stochastic: each stage's peer is drawn with probability proportional to its
-throughput, measured as calls per modelled second (an exponential average; a peer not measured yet counts as its
-stage's mean), so a peer twice as fast gets twice the work. Every draw is seeded by (seed, step, micro-batch,
-stage, attempt): a run replays exactly and a resume does not depend on how far the generator had got.
-A dead peer (it failed a call this step) is never picked; fixed routing falls back to the next live peer.
+fixed: micro-batches of worker i's data go through the peer in column i of every stage (so S stages of K peers
+train exactly like K whole-model workers). stochastic: each stage's peer is drawn with probability proportional to
+its throughput, measured as calls per modelled second (an exponential average; a peer not measured yet counts as
+its stage's mean), so a peer twice as fast gets twice the work. Every draw is seeded by (seed, stage, step,
+micro-batch, direction, attempt): a run replays exactly and a resume does not depend on how far a generator had got.
+A dead peer (it failed a call this step) and an empty slot are never picked; fixed routing falls back to the next
+live column.
 """
 
 from __future__ import annotations
@@ -20,39 +21,40 @@ SMOOTHING = 0.5  # weight of the newest measurement in a peer's throughput
 
 
 class Router:
-    def __init__(self, routing: Routing, stages: int, peers: int, seed: int):
+    def __init__(self, routing: Routing, peers: int, seed: int):
+        """peers: every stage peer of the run (global ids 0 .. peers-1)."""
         self.routing = Routing(routing)
-        self.peers = peers
         self.seed = seed
-        self.throughput: list[list[float | None]] = [[None] * peers for _ in range(stages)]
+        self.throughput: list[float | None] = [None] * peers
 
-    def pick(self, stage: int, lane: int, live: Sequence[bool], key: Sequence[int]) -> int:
-        """The peer of ``stage`` for a micro-batch of worker ``lane``'s data; ``key``: (step, micro-batch id,
-        attempt), unique per draw."""
-        candidates = [i for i in range(self.peers) if live[i]]
-        if not candidates:
+    def pick(self, stage: int, lane: int, live: Sequence[int | None], key: Sequence[int]) -> int:
+        """The column of ``stage`` that serves a micro-batch of worker ``lane``'s data. live: per column, the peer
+        there if it can take the call, else None; key: (step, micro-batch id, direction, attempt)."""
+        columns = [c for c, p in enumerate(live) if p is not None]
+        if not columns:
             raise RuntimeError(f"stage {stage} has no live peer left")
         if self.routing == Routing.fixed:
-            return next(i for i in (*range(lane, self.peers), *range(lane)) if live[i])
-        rates = self.rates(stage)
-        p = np.array([rates[i] for i in candidates], dtype=np.float64)
+            return next(c for c in (*range(lane, len(live)), *range(lane)) if live[c] is not None)
+        rates = self.rates([live[c] for c in columns])
+        p = np.array(rates, dtype=np.float64)
         rng = np.random.default_rng([self.seed & 0xFFFF_FFFF_FFFF_FFFF, stage, *key])
-        return candidates[int(rng.choice(len(candidates), p=p / p.sum()))]
+        return columns[int(rng.choice(len(columns), p=p / p.sum()))]
 
-    def rates(self, stage: int) -> list[float]:
-        known = [r for r in self.throughput[stage] if r is not None]
+    def rates(self, peers: Sequence[int]) -> list[float]:
+        """Measured calls per second of ``peers`` (one stage's); an unmeasured one counts as their mean."""
+        known = [self.throughput[p] for p in peers if self.throughput[p] is not None]
         default = sum(known) / len(known) if known else 1.0
-        return [default if r is None else r for r in self.throughput[stage]]
+        return [default if self.throughput[p] is None else self.throughput[p] for p in peers]
 
-    def observe(self, stage: int, peer: int, seconds: float) -> None:
+    def observe(self, peer: int, seconds: float) -> None:
         """A call of ``peer`` took ``seconds`` (modelled)."""
         if seconds <= 0:
             return
-        rate, old = 1.0 / seconds, self.throughput[stage][peer]
-        self.throughput[stage][peer] = rate if old is None else SMOOTHING * rate + (1 - SMOOTHING) * old
+        rate, old = 1.0 / seconds, self.throughput[peer]
+        self.throughput[peer] = rate if old is None else SMOOTHING * rate + (1 - SMOOTHING) * old
 
     def state_dict(self) -> dict:
-        return {"throughput": [list(r) for r in self.throughput]}
+        return {"throughput": list(self.throughput)}
 
     def load_state_dict(self, s: dict) -> None:
-        self.throughput = [list(r) for r in s["throughput"]]
+        self.throughput = list(s["throughput"])
