@@ -61,18 +61,20 @@ def test_untied_model_starts_from_the_tied_weights():
 
 
 # ------------------------------------------------------------------ identities
-def test_two_stages_with_ddp_equal_the_unsplit_model(tmp_path):
-    """SWARM with fixed routing is data parallelism over the same micro-batches: S=2 equals S=1 (untied head)."""
-    common = dict(algorithm__name="ddp", train__max_steps=8, train__grad_clip=0.0)
-    _, whole = run(tmp_path, "whole", model__tie_embeddings=False, **common)
-    _, piped = run(tmp_path, "piped", pipeline__stages=2, **common)
-    assert worst(piped, whole) <= TOL
-
-
-def test_two_stages_with_diloco_equal_the_unsplit_model(tmp_path):
-    """DiLoCo-SWARM with fixed routing, one micro-batch, no clipping: each stage's peers average their stage's
-    pseudo-gradients, which is diloco's average of whole replicas."""
-    common = dict(train__max_steps=9, train__grad_clip=0.0)
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        dict(algorithm__name="ddp"),  # SWARM
+        dict(algorithm__name="diloco"),  # DiLoCo-SWARM
+        dict(algorithm__name="streaming_diloco", algorithm__fragments=2, algorithm__overlap_steps=1,
+             algorithm__mixing=0.5),  # fmt: skip
+    ],
+    ids=["ddp", "diloco", "streaming"],
+)
+def test_two_stages_with_fixed_routing_equal_the_unsplit_model(tmp_path, algorithm):
+    """A pipeline with fixed routing is data parallelism over the same micro-batches: S=2 equals S=1 (untied head)
+    under every strategy, with no change to the strategies (no clipping: a stage peer clips its own stage)."""
+    common = dict(train__max_steps=9, train__grad_clip=0.0, **algorithm)
     _, whole = run(tmp_path, "whole", model__tie_embeddings=False, **common)
     _, piped = run(tmp_path, "piped", pipeline__stages=2, **common)
     assert worst(piped, whole) <= TOL

@@ -352,6 +352,11 @@ class BatchedWorkerGroup:
             else:
                 p.mul_(alpha).add_(t.unsqueeze(0), alpha=1.0 - alpha)
 
+    @property
+    def data_workers(self) -> int:
+        """The run's workers whose data this group trains on (see ``WorkerGroup.data_workers``)."""
+        return self.size
+
     def take_stats(self) -> dict:
         """Diagnostics of how the group ran since the last call (none: see ``WorkerGroup.take_stats``)."""
         return {}

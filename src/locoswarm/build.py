@@ -164,7 +164,10 @@ def build_pipeline(
     router = Router(p.routing, p.stages * cfg.workers, derive_seed(cfg.seed, "routing"))
     codec = make_codec(CompressionConfig(name=p.activation_codec, block_size=cfg.compression.block_size))
     group = PipelineGroup(workers, cfg.workers, specs, router, network, p.microbatches, codec, p.rebalance_every)
-    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], group.stage_peers)
+    names = [n for n, _ in base.named_parameters()]
+    fragments = fragment_indices(names, cfg.algorithm.fragments, cfg.algorithm.fragment_pattern)
+    key_params = {f"fragment{i}": idx for i, idx in enumerate(fragments)}  # streaming_diloco's rounds
+    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], group.stage_peers, key_params)
     return group, network, averager
 
 

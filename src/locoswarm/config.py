@@ -821,9 +821,9 @@ def _validate_pipeline(cfg: Config, need) -> None:
          "worker i's micro-batches to column i)")  # fmt: skip
     need(_enum_value(cfg.backend.name) == "sim", "pipeline.stages", p.stages,
          "a pipeline runs on backend=sim so far (the hivemind stage servers have not landed: issue 13)")  # fmt: skip
-    need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco") and not cfg.algorithm.eager, "algorithm",
-         _enum_value(cfg.algorithm.name), "a pipeline's stages sync with ddp or diloco so far (not eager; "
-         "streaming's fragments would need the averager to know which stage a fragment's tensors belong to)")  # fmt: skip
+    need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco", "streaming_diloco") and not cfg.algorithm.eager,
+         "algorithm", _enum_value(cfg.algorithm.name),
+         "a pipeline's stages sync with ddp, diloco or streaming_diloco (not eager)")  # fmt: skip
     need(_enum_value(cfg.backend.execution) != "batched", "backend.execution", _enum_value(cfg.backend.execution),
          "a pipeline runs its stage peers one call at a time: use sequential or auto")  # fmt: skip
     need(cfg.model.dropout == 0, "model.dropout", cfg.model.dropout,

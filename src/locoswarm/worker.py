@@ -195,6 +195,11 @@ class WorkerGroup:
         return [w.rank for w in self.workers]
 
     @property
+    def data_workers(self) -> int:
+        """The run's workers whose data this group trains on (a pipeline's replicas can outnumber them)."""
+        return self.size
+
+    @property
     def step(self) -> int:
         """The furthest worker's inner step (all workers agree unless per-worker step counts were used)."""
         return max(w.step for w in self.workers)

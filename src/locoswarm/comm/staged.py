@@ -21,33 +21,48 @@ from locoswarm.comm.base import Averager, Round, parallel_round
 
 class StagedAverager(Averager):
     def __init__(
-        self, inner: Averager, stage_params: Sequence[Sequence[int]], stage_peers: Callable[[int], list[int | None]]
+        self,
+        inner: Averager,
+        stage_params: Sequence[Sequence[int]],
+        stage_peers: Callable[[int], list[int | None]],
+        key_params: dict[str, Sequence[int]] | None = None,
     ):
         """inner: averages one stage's tensors (rows ranked by peer id); stage_params: each stage's parameter
-        indices; stage_peers(s): per column, the peer serving stage s there (None: a free slot)."""
+        indices; stage_peers(s): per column, the peer serving stage s there (None: a free slot); key_params: the
+        parameter indices of the tensors a stream of rounds carries (streaming's fragments; default every
+        parameter, in order)."""
         self.inner = inner
-        self.stage_params = [list(p) for p in stage_params]
+        self.stage_of = {i: s for s, idx in enumerate(stage_params) for i in idx}
+        self.stages = len(stage_params)
         self.stage_peers = stage_peers
-        self.params = sum(len(p) for p in self.stage_params)
+        self.params = len(self.stage_of)
+        self.key_params = {k: list(v) for k, v in (key_params or {}).items()}
 
     def _round(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, ranks) -> Round:
-        if len(tensors) != self.params:
-            raise ValueError(f"a pipeline averages whole replicas: got {len(tensors)} tensors, expected one per "
-                             f"parameter ({self.params})")  # fmt: skip
+        carried = self.key_params.get(key, range(self.params))  # tensors[j] is parameter carried[j]
+        if len(tensors) != len(carried):
+            raise ValueError(f"round {key!r}: got {len(tensors)} tensors, expected {len(carried)} (one per parameter "
+                             "of the stream; a pipeline needs to know which stage each tensor belongs to)")  # fmt: skip
         handles, column_of = [], {}
-        for s, idx in enumerate(self.stage_params):
+        for s in range(self.stages):
+            positions = [j for j, i in enumerate(carried) if self.stage_of[i] == s]
+            if not positions:  # this stream carries nothing of stage s
+                continue
             peers = self.stage_peers(s)
             if len(peers) != weights.numel():
                 raise ValueError(f"stage {s} has {len(peers)} slots, the round {weights.numel()} rows")
             column_of.update({p: c for c, p in enumerate(peers) if p is not None})
             serving = torch.tensor([p is not None for p in peers], dtype=torch.float64)
             ranks_s = [p if p is not None else -1 - c for c, p in enumerate(peers)]  # a free slot sends nothing
-            handles.append(self.inner.start([tensors[i] for i in idx], serving, key=f"{key}/stage{s}", ranks=ranks_s))
-        rounds = [h.wait() for h in handles]
-        out: list[torch.Tensor | None] = [None] * self.params
-        for idx, rnd in zip(self.stage_params, rounds, strict=True):
-            for i, t in zip(idx, rnd.tensors, strict=True):
-                out[i] = t
+            handle = self.inner.start([tensors[j] for j in positions], serving, key=f"{key}/stage{s}", ranks=ranks_s)
+            handles.append((s, positions, handle))
+        out: list[torch.Tensor | None] = [None] * len(carried)
+        rounds = []
+        for _, positions, handle in handles:
+            rnd = handle.wait()
+            rounds.append(rnd)
+            for j, t in zip(positions, rnd.tensors, strict=True):
+                out[j] = t
         merged = parallel_round(rounds)
         merged.tensors = out
         merged.key = key
@@ -55,8 +70,9 @@ class StagedAverager(Averager):
         merged.total_weight = float(weights.to(torch.float64).sum())
         merged.members = sorted({column_of[r] for rnd in rounds for r in rnd.members})
         merged.rejected = {
-            column_of[r]: f"stage {s}: {why}" for s, rnd in enumerate(rounds) for r, why in rnd.rejected.items()
-        }
+            column_of[r]: f"stage {s}: {why}" for (s, _, _), rnd in zip(handles, rounds, strict=True)
+            for r, why in rnd.rejected.items()
+        }  # fmt: skip
         return merged
 
     def round_boundary(self) -> None:

@@ -54,7 +54,8 @@ class PipelineNetwork(NetworkModel):
 
     def __init__(self, cfg, workers: int, stages: int, seed: int = 0, call_failure_prob: float = 0.0):
         super().__init__(cfg, workers * stages, seed, call_failure_prob)
-        self.lanes, self.stages = workers, stages
+        # links, speeds and faults cover every peer (global ids); ``workers`` stays the run's K data-parallel workers
+        self.peers, self.workers, self.stages = workers * stages, workers, stages
         self._booked = [0.0, 0.0]
 
     def book(self, seconds: float, busy: float) -> None:
@@ -117,6 +118,10 @@ class PipelineGroup(WorkerGroup):
     def stage_peers(self, stage: int) -> list[int | None]:
         """Per column, the peer serving ``stage`` there (None: a free slot)."""
         return list(self.occupant[stage])
+
+    @property
+    def data_workers(self) -> int:
+        return self.lanes
 
     def tokens_per_step(self) -> torch.Tensor:
         """Only the first ``lanes`` columns hold data."""

@@ -158,7 +158,7 @@ class StreamingDiLoCo(Strategy):
             extras["fragment_bytes_sent"] = [r.bytes_sent for r in done]
             extras["outer_grad_norm"] = tensor_norm([t for r in done for t in r.tensors])
             extras.update(OuterOptimizer.norms([self.outers[p] for p in extras["fragments_merged"]]))
-        scale = self.planner.network.workers / max(1, self.group.size)  # real backends host one of K workers
+        scale = self.planner.network.workers / max(1, self.group.data_workers)  # real backends host one of K workers
         return self._report(phase.steps, phase.losses, phase.seconds, done, bool(done), float(tokens.sum()) * scale,
                              extras)  # fmt: skip
 
