@@ -167,7 +167,8 @@ def build_pipeline(
     names = [n for n, _ in base.named_parameters()]
     fragments = fragment_indices(names, cfg.algorithm.fragments, cfg.algorithm.fragment_pattern)
     key_params = {f"fragment{i}": idx for i, idx in enumerate(fragments)}  # streaming_diloco's rounds
-    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], group.stage_peers, key_params)
+    averager = StagedAverager(build_averager(cfg, network), [s.params for s in specs], group.stage_peers,
+                              group.stage_work, key_params)  # fmt: skip
     return group, network, averager
 
 

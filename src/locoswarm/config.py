@@ -819,6 +819,9 @@ def _validate_pipeline(cfg: Config, need) -> None:
     need(p.rebalance_every == 0 or _enum_value(p.routing) == "stochastic", "pipeline.rebalance_every",
          p.rebalance_every, "moving peers between stages needs pipeline.routing=stochastic (fixed routing pins "
          "worker i's micro-batches to column i)")  # fmt: skip
+    need(p.rebalance_every == 0 or _enum_value(cfg.algorithm.name) != "streaming_diloco", "pipeline.rebalance_every",
+         p.rebalance_every, "peers move between rounds, and streaming's fragments never all sync at once: use ddp or "
+         "diloco")  # fmt: skip
     need(_enum_value(cfg.backend.name) == "sim", "pipeline.stages", p.stages,
          "a pipeline runs on backend=sim so far (the hivemind stage servers have not landed: issue 13)")  # fmt: skip
     need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco", "streaming_diloco") and not cfg.algorithm.eager,

@@ -164,10 +164,16 @@ class NetworkModel:
         return push_bytes * scale / link.up_bps + link.latency_s, pull_bytes * scale / link.down_bps + link.latency_s
 
     def transfer_seconds(self, sender: int, receiver: int, nbytes: float) -> float:
-        """One message from ``sender`` to ``receiver`` (a pipeline's activations): the slower of the sender's
-        uplink and the receiver's downlink, plus the latency between them."""
+        """One message from ``sender`` to ``receiver`` (a pipeline's activations) on idle links: its time on the
+        wire plus the latency between them (``wire_seconds``)."""
+        wire, latency = self.wire_seconds(sender, receiver, nbytes)
+        return wire + latency
+
+    def wire_seconds(self, sender: int, receiver: int, nbytes: float) -> tuple[float, float]:
+        """(seconds the message occupies the sender's uplink and the receiver's downlink, at the slower of the
+        two; the latency between them, which occupies neither)."""
         bits = nbytes * 8 * (1 + self.cfg.wire_overhead) / self.cfg.link_efficiency
-        return bits / min(self.links[sender].up_bps, self.links[receiver].down_bps) + self._latency(sender, receiver)
+        return bits / min(self.links[sender].up_bps, self.links[receiver].down_bps), self._latency(sender, receiver)
 
     def phase_cost(self, plan: PhasePlan, measured: Sequence[float]) -> tuple[float, float]:
         """(wall-clock, mean busy compute of the workers that took part) of an inner phase run in parallel."""

@@ -69,7 +69,9 @@ class SimAverager(Averager):
         # a masked (finished or dropped) worker contributes nothing and sends nothing
         members = [w for w in range(local) if shares[w] != 0.0]
         member_shares = [shares[w] for w in members]
-        codecs = [[self._codec(key, w, i) for i in range(len(tensors))] for w in members]  # [member][tensor]
+        # a worker's codecs (their residuals) follow its rank, not its row: a pipeline peer that moves to another
+        # slot keeps its own, and a slot it leaves hands nothing on
+        codecs = [[self._codec(key, ranks[w], i) for i in range(len(tensors))] for w in members]  # [member][tensor]
         for c in (c for row in codecs for c in row):
             c.align_round(number)  # a worker masked in earlier rounds still picks this round's indices
         flat = [c for row in codecs for c in row]

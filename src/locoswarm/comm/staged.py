@@ -5,9 +5,11 @@ A strategy hands over what it would for whole-model workers: per parameter a (C,
 replica (column) c, i.e. of each parameter the copy held by the peer serving its stage from column c. So one logical
 round is S rounds, one per stage, each over the peers serving that stage (their global ids, so the network model
 prices it on their links; a free slot takes no part) and its own key (``<key>/stage<s>``: its own codecs and
-residuals). A stage's peers count equally: the tokens are the workers', and a ddp peer's contribution is already
-scaled to its share (``pipeline/group.py``). The stage rounds run side by side: the round lasts as long as the
-slowest stage's, and its bytes are per stage peer (``parallel_round``).
+residuals). A peer's contribution is weighted by the micro-batches it ran in its stage since this stream's last
+round (``stage_work``; a free slot ran none), not by the strategy's per-worker tokens: a pipeline's work is spread
+over peers by the routing. The round's ``total_weight`` stays the strategy's (the workers' tokens). The stage rounds
+run side by side: the round lasts as long as the slowest stage's, its bytes are per stage peer
+(``parallel_round``), and its members and rejections are named by peer id.
 """
 
 from __future__ import annotations
@@ -25,25 +27,29 @@ class StagedAverager(Averager):
         inner: Averager,
         stage_params: Sequence[Sequence[int]],
         stage_peers: Callable[[int], list[int | None]],
+        stage_work: Callable[[int], list[int]],
         key_params: dict[str, Sequence[int]] | None = None,
     ):
         """inner: averages one stage's tensors (rows ranked by peer id); stage_params: each stage's parameter
-        indices; stage_peers(s): per column, the peer serving stage s there (None: a free slot); key_params: the
+        indices; stage_peers(s): per column, the peer serving stage s there (None: a free slot); stage_work(s): per
+        column, the micro-batches run in stage s there over the run; key_params: the
         parameter indices of the tensors a stream of rounds carries (streaming's fragments; default every
         parameter, in order)."""
         self.inner = inner
         self.stage_of = {i: s for s, idx in enumerate(stage_params) for i in idx}
         self.stages = len(stage_params)
-        self.stage_peers = stage_peers
+        self.stage_peers, self.stage_work = stage_peers, stage_work
         self.params = len(self.stage_of)
         self.key_params = {k: list(v) for k, v in (key_params or {}).items()}
+        self.counted: dict[str, list[list[int]]] = {}  # per stream: stage_work at its last round
 
     def _round(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, ranks) -> Round:
         carried = self.key_params.get(key, range(self.params))  # tensors[j] is parameter carried[j]
         if len(tensors) != len(carried):
             raise ValueError(f"round {key!r}: got {len(tensors)} tensors, expected {len(carried)} (one per parameter "
                              "of the stream; a pipeline needs to know which stage each tensor belongs to)")  # fmt: skip
-        handles, column_of = [], {}
+        handles = []
+        counted = self.counted.setdefault(key, [[0] * weights.numel() for _ in range(self.stages)])
         for s in range(self.stages):
             positions = [j for j, i in enumerate(carried) if self.stage_of[i] == s]
             if not positions:  # this stream carries nothing of stage s
@@ -51,10 +57,11 @@ class StagedAverager(Averager):
             peers = self.stage_peers(s)
             if len(peers) != weights.numel():
                 raise ValueError(f"stage {s} has {len(peers)} slots, the round {weights.numel()} rows")
-            column_of.update({p: c for c, p in enumerate(peers) if p is not None})
-            serving = torch.tensor([p is not None for p in peers], dtype=torch.float64)
+            work = self.stage_work(s)
+            since = torch.tensor([w - c for w, c in zip(work, counted[s], strict=True)], dtype=torch.float64)
+            counted[s] = work
             ranks_s = [p if p is not None else -1 - c for c, p in enumerate(peers)]  # a free slot sends nothing
-            handle = self.inner.start([tensors[j] for j in positions], serving, key=f"{key}/stage{s}", ranks=ranks_s)
+            handle = self.inner.start([tensors[j] for j in positions], since, key=f"{key}/stage{s}", ranks=ranks_s)
             handles.append((s, positions, handle))
         out: list[torch.Tensor | None] = [None] * len(carried)
         rounds = []
@@ -68,9 +75,9 @@ class StagedAverager(Averager):
         merged.key = key
         merged.group_size = max(r.group_size for r in rounds)
         merged.total_weight = float(weights.to(torch.float64).sum())
-        merged.members = sorted({column_of[r] for rnd in rounds for r in rnd.members})
+        merged.members = sorted(r for rnd in rounds for r in rnd.members)  # peer ids: unique across stages
         merged.rejected = {
-            column_of[r]: f"stage {s}: {why}" for (s, _, _), rnd in zip(handles, rounds, strict=True)
+            r: f"stage {s}: {why}" for (s, _, _), rnd in zip(handles, rounds, strict=True)
             for r, why in rnd.rejected.items()
         }  # fmt: skip
         return merged
@@ -79,10 +86,11 @@ class StagedAverager(Averager):
         self.inner.round_boundary()
 
     def state_dict(self) -> dict:
-        return self.inner.state_dict()
+        return {"inner": self.inner.state_dict(), "counted": {k: [list(r) for r in v] for k, v in self.counted.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state)
+        self.inner.load_state_dict(state["inner"])
+        self.counted = {k: [list(r) for r in v] for k, v in state["counted"].items()}
 
     def close(self) -> None:
         self.inner.close()

@@ -18,10 +18,11 @@ backward retry first re-runs that stage's forward on the new peer from the same 
 micro-batch's backward exactly once. The failure is of one call (a timeout, an overload): the peer keeps what it
 had accumulated this step.
 
-A peer sums its micro-batches' gradients. ddp's contribution of a peer is that sum x (peers in its stage /
-micro-batches in the step), so the uniform mean over the stage's peers is the mean gradient over every micro-batch
-whatever the routing and the pool sizes (SWARM's exact accumulation). A local step (diloco) uses the mean over the
-peer's own micro-batches; a peer that got none this step does not step its parameters.
+A peer averages its micro-batches' gradients, and a stage's peers are averaged weighted by the micro-batches each
+ran (``stage_work``): under ddp that is the mean gradient over every micro-batch of the step whatever the routing
+and the pool sizes (SWARM's exact accumulation); under diloco a peer's pseudo-gradient counts by the work in it. A
+local step uses the mean over the peer's own micro-batches; a peer that got none this step does not step. Peers
+move (rebalancing) only at round boundaries, when a stage's peers hold its averaged state.
 
 Each step is priced by its schedule (``schedule.simulate_step``): measured call times, or network.step_seconds
 split by the stages' parameter shares (forward 1/3, backward 2/3), slowed by a peer's straggler draw and divided
@@ -97,6 +98,10 @@ class PipelineGroup(WorkerGroup):
         self.processed = [0] * len(self.specs)  # backward calls recorded per stage, over the run
         self.failures = 0  # failed calls over the run
         self.moves = 0  # peers moved between stages over the run
+        # micro-batches each slot's peer has run, per [stage][column], over the run: what weighs its contribution
+        # to its stage's averages (comm/staged.py)
+        self.work = [[0] * self.size for _ in self.specs]
+        self._rebalanced_at = 0  # the step of the last rebalancing
         self._last_seconds: dict[tuple[int, bool], float] = {}  # a stage's last measured call, per direction
         self._since = self._fresh_stats()
 
@@ -118,6 +123,10 @@ class PipelineGroup(WorkerGroup):
     def stage_peers(self, stage: int) -> list[int | None]:
         """Per column, the peer serving ``stage`` there (None: a free slot)."""
         return list(self.occupant[stage])
+
+    def stage_work(self, stage: int) -> list[int]:
+        """Per column, the micro-batches run in ``stage`` there over the run (a free slot's stays put)."""
+        return list(self.work[stage])
 
     @property
     def data_workers(self) -> int:
@@ -150,6 +159,8 @@ class PipelineGroup(WorkerGroup):
                 loss, chain = self._microbatch(step, lane, lane * self.microbatches + m, xm, ym, live, served)
                 mb_losses.append(loss)
                 chains.append(chain)
+                # every message of the chain, retries included, as the schedule prices them
+                self._since["activation_bytes"] += sum(call.incoming_bytes for call in chain)
             losses[lane] = sum(mb_losses) / len(mb_losses)
         peers = len(self.router.throughput)
         seconds, busy = simulate_step(chains, self.network, peers)
@@ -157,6 +168,7 @@ class PipelineGroup(WorkerGroup):
         for s in range(self.stages):
             for c in range(self.size):
                 self._since["stage_load"][s][c] += served[s][c]
+                self.work[s][c] += served[s][c]
         return losses, served, seconds, len(chains)
 
     def _microbatch(self, step, lane, mb, x, y, live, served) -> tuple[float, list[Call]]:
@@ -216,7 +228,7 @@ class PipelineGroup(WorkerGroup):
         self.router.observe(peer, self.shares[s] * self.network.faults.slowdown(peer, step) / self.network.speed(peer))
         return out, secs
 
-    def _fails(self, s: int, p: int, step: int, call: tuple[int, ...], live: list[bool]) -> bool:
+    def _fails(self, s: int, p: int, step: int, call: tuple[int, ...], live: list[int | None]) -> bool:
         """Does peer p of stage s fail this call? A failed peer sits out the rest of the step; the last live
         peer of a stage does not fail (the stage would be gone)."""
         if sum(x is not None for x in live) <= 1 or not self.network.faults.call_fails(self.peer(s, p), step, call):
@@ -243,33 +255,35 @@ class PipelineGroup(WorkerGroup):
     def _cross(self, t: torch.Tensor) -> tuple[torch.Tensor, float]:
         """A tensor crossing a stage boundary, as the receiver gets it, and its bytes on the wire."""
         payload = self.codec.encode(t.detach())
-        self._since["activation_bytes"] += payload.nbytes
         return self.codec.decode(payload).reshape(t.shape).to(t.dtype), float(payload.nbytes)
 
     def _activation_bytes(self, t: torch.Tensor) -> float:
         """A retried call's input, sent again."""
-        nbytes = float(self.codec.encode(t.detach()).nbytes)
-        self._since["activation_bytes"] += nbytes
-        return nbytes
+        return float(self.codec.encode(t.detach()).nbytes)
 
     # ------------------------------------------------------------------ what a strategy calls
     def compute_grads(self) -> tuple[list[float], list[torch.Tensor], list[float]]:
-        """ddp: each peer's contribution is its gradient sum x (peers in its stage / micro-batches in the step), so
-        the uniform mean over a stage's peers (``comm/staged.py``) is the mean gradient over every micro-batch."""
-        losses, _, seconds, n = self._step([True] * self.size)
+        """ddp: each peer contributes the mean gradient of its micro-batches (zeros for none), weighted by their
+        number in its stage's average (``comm/staged.py``): the mean gradient over every micro-batch of the step,
+        whatever the routing and the pool sizes."""
+        losses, served, seconds, _ = self._step([True] * self.size)
         with torch.no_grad():
-            for spec, row in zip(self.specs, self.occupant, strict=True):
-                scale = sum(p is not None for p in row) / n
-                for w in self.workers:
-                    for i in spec.params:  # a peer that got no micro-batch (or a free slot) contributes zeros
+            for spec, row in zip(self.specs, served, strict=True):
+                for w, k in zip(self.workers, row, strict=True):
+                    for i in spec.params:
                         p = w.params[i]
-                        p.grad = torch.zeros_like(p) if p.grad is None else p.grad.mul_(scale)
+                        p.grad = torch.zeros_like(p) if k == 0 else p.grad.div_(k)
         grads = [torch.stack([w.params[i].grad for w in self.workers]) for i in range(len(self.workers[0].params))]
         return losses, grads, [seconds] * self.size
 
     def apply_grads(self, grads: Sequence[torch.Tensor]) -> None:
         super().apply_grads(grads)
-        self._after_step()
+        self._round_boundary()  # a ddp step (or a synchronous warm-up step) is a round
+
+    def load_params(self, tensors: Sequence[torch.Tensor], idx: Sequence[int] | None = None) -> None:
+        super().load_params(tensors, idx)
+        if idx is None:  # diloco's round boundary: every replica holds the new global model
+            self._round_boundary()
 
     def inner_steps(self, n: int, counts: Sequence[int] | None = None) -> tuple[list[list[float]], list[float]]:
         counts = check_counts(n, counts, self.size)
@@ -287,24 +301,28 @@ class PipelineGroup(WorkerGroup):
                     w.apply_grads()
                     seconds[c] += secs
             losses.append(step_losses)
-            self._after_step()
         return losses, seconds
 
     # ------------------------------------------------------------------ rebalancing
-    def _after_step(self) -> None:
-        if self.rebalance_every > 0 and self.step % self.rebalance_every == 0:
+    def _round_boundary(self) -> None:
+        """Peers move only between rounds, when every serving peer of a stage holds the stage's averaged state (a
+        move mid-phase would copy one peer's unsynchronised progress into two contributions): at the first round
+        boundary at or after every rebalance_every steps."""
+        n = self.rebalance_every
+        if n > 0 and self.step // n > self._rebalanced_at // n:
+            self._rebalanced_at = self.step
             self._rebalance()
-
-    def stage_throughput(self) -> list[float]:
-        """Micro-batches per modelled second each stage can process: the sum of its peers' measured rates."""
-        return [sum(self.router.rates([p for p in row if p is not None])) for row in self.occupant]
 
     @torch.no_grad()
     def _rebalance(self) -> None:
         """Move one peer from the stage with the most throughput to the one with the least, if that raises the
         slowest stage's throughput (SWARM's rebalancing). The peer takes a free slot there and downloads the stage's
         parameters and optimiser state from the fastest peer serving it."""
-        rates = self.stage_throughput()
+        rate = {}  # every serving peer's measured rate (an unmeasured one: its stage's mean)
+        for row in self.occupant:
+            peers = [p for p in row if p is not None]
+            rate.update(zip(peers, self.router.rates(peers), strict=True))
+        rates = [sum(rate[p] for p in row if p is not None) for row in self.occupant]
         slow = min(range(self.stages), key=lambda s: rates[s])
         donors = [s for s in range(self.stages) if s != slow and sum(p is not None for p in self.occupant[s]) > 1]
         if not donors:
@@ -314,7 +332,7 @@ class PipelineGroup(WorkerGroup):
         for c, p in enumerate(self.occupant[fast]):
             if p is None:
                 continue
-            r = self.router.rates([p])[0]
+            r = rate[p]
             moved = r * self.shares[fast] / self.shares[slow]  # its calls in the other stage cost by parameter share
             new = min(rates[fast] - r, rates[slow] + moved)
             if new > rates[slow] * (1 + 1e-9) and (best is None or new > best[0]):
@@ -324,7 +342,7 @@ class PipelineGroup(WorkerGroup):
         _, c, p, moved = best
         to = self.occupant[slow].index(None)
         serving = [(q, d) for d, q in enumerate(self.occupant[slow]) if q is not None]
-        source = self.workers[max(serving, key=lambda qd: self.router.rates([qd[0]])[0])[1]]
+        source = self.workers[max(serving, key=lambda qd: rate[qd[0]])[1]]
         dest = self.workers[to]
         nbytes = 0.0
         for i in self.specs[slow].params:
@@ -354,10 +372,14 @@ class PipelineGroup(WorkerGroup):
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "router": self.router.state_dict(), "processed": list(self.processed),
-                "failures": self.failures, "moves": self.moves, "occupant": [list(r) for r in self.occupant]}  # fmt: skip
+                "failures": self.failures, "moves": self.moves, "occupant": [list(r) for r in self.occupant],
+                "work": [list(r) for r in self.work], "rebalanced_at": self._rebalanced_at,
+                "last_seconds": [[s, b, t] for (s, b), t in self._last_seconds.items()]}  # fmt: skip
 
     def load_state_dict(self, s: dict) -> None:
         super().load_state_dict(s)
         self.router.load_state_dict(s["router"])
         self.processed, self.failures, self.moves = list(s["processed"]), int(s["failures"]), int(s["moves"])
         self.occupant = [list(r) for r in s["occupant"]]
+        self.work, self._rebalanced_at = [list(r) for r in s["work"]], int(s["rebalanced_at"])
+        self._last_seconds = {(int(st), bool(b)): float(t) for st, b, t in s["last_seconds"]}
