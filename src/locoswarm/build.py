@@ -152,6 +152,9 @@ def build_pipeline(
 ) -> tuple[PipelineGroup, PipelineNetwork, Averager]:
     """pipeline.stages > 1 (sim): K replicas cut into S stages, their S x K peers' network, per-stage averaging."""
     p = cfg.pipeline
+    if cfg.model.tie_embeddings:
+        log.info("pipeline: the head is untied from the embedding (the first and the last stage are different "
+                 "peers), so this model differs from a model.tie_embeddings=true run without stages")  # fmt: skip
     specs = split_stages(base, p.stages)
     log.info("pipeline: %d stages x %d peers; blocks per stage %s, parameter shares %s", p.stages, cfg.workers,
              [s.blocks for s in specs], [round(s.numel / base.num_params(), 3) for s in specs])  # fmt: skip

@@ -5,9 +5,12 @@ A strategy hands over what it would for whole-model workers: per parameter a (C,
 replica (column) c, i.e. of each parameter the copy held by the peer serving its stage from column c. So one logical
 round is S rounds, one per stage, each over the peers serving that stage (their global ids, so the network model
 prices it on their links; a free slot takes no part) and its own key (``<key>/stage<s>``: its own codecs and
-residuals). A peer's contribution is weighted by the micro-batches it ran in its stage since this stream's last
-round (``stage_work``; a free slot ran none), not by the strategy's per-worker tokens: a pipeline's work is spread
-over peers by the routing. The round's ``total_weight`` stays the strategy's (the workers' tokens). The stage rounds
+residuals). Every serving peer takes part (a peer that ran no micro-batch still needs the result) and its
+contribution counts by the micro-batches it ran in its stage since this stream's last round (``stage_work``), not by
+the strategy's per-worker tokens: a pipeline's work is spread over peers by the routing. So a row is scaled by its
+peer's work over the stage's mean work and the peers averaged uniformly: the work-weighted mean. (If a row is
+rejected, the rest are renormalised uniformly, not by work.) With equal work (fixed routing, no failures) nothing
+is scaled. The round's ``total_weight`` stays the strategy's (the workers' tokens). The stage rounds
 run side by side: the round lasts as long as the slowest stage's, its bytes are per stage peer
 (``parallel_round``), and its members and rejections are named by peer id.
 """
@@ -58,10 +61,17 @@ class StagedAverager(Averager):
             if len(peers) != weights.numel():
                 raise ValueError(f"stage {s} has {len(peers)} slots, the round {weights.numel()} rows")
             work = self.stage_work(s)
-            since = torch.tensor([w - c for w, c in zip(work, counted[s], strict=True)], dtype=torch.float64)
+            since = [w - c for w, c in zip(work, counted[s], strict=True)]
             counted[s] = work
+            serving = torch.tensor([p is not None for p in peers], dtype=torch.float64)
+            rows = [tensors[j] for j in positions]
+            mean_work = sum(n for n, p in zip(since, peers, strict=True) if p is not None) / float(serving.sum())
+            if mean_work > 0 and any(n != mean_work for n, p in zip(since, peers, strict=True) if p is not None):
+                # every serving peer takes part (it needs the result), weighted by its work: its row x work / mean
+                scale = torch.tensor([n / mean_work for n in since], dtype=torch.float32)
+                rows = [t * scale.view(-1, *([1] * (t.dim() - 1))).to(t.dtype) for t in rows]
             ranks_s = [p if p is not None else -1 - c for c, p in enumerate(peers)]  # a free slot sends nothing
-            handle = self.inner.start([tensors[j] for j in positions], since, key=f"{key}/stage{s}", ranks=ranks_s)
+            handle = self.inner.start(rows, serving, key=f"{key}/stage{s}", ranks=ranks_s)
             handles.append((s, positions, handle))
         out: list[torch.Tensor | None] = [None] * len(carried)
         rounds = []

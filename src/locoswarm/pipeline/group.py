@@ -59,6 +59,11 @@ class PipelineNetwork(NetworkModel):
         self.peers, self.workers, self.stages = workers * stages, workers, stages
         self._booked = [0.0, 0.0]
 
+    def comm_seconds(self, payload_bytes: float, active=None, allgather: bool = False) -> float:
+        if active is None:  # ``workers`` is K, but the peers are S x K: "everyone" is not a group that averages
+            raise ValueError("a pipeline averages per stage: price a round over the stage's peers (active=...)")
+        return super().comm_seconds(payload_bytes, active, allgather)
+
     def book(self, seconds: float, busy: float) -> None:
         self._booked[0] += seconds
         self._booked[1] += busy
