@@ -28,7 +28,6 @@ more steps, so every variant's time comes from the same stretched schedule).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -38,7 +37,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from reproduce_diloco import SCALES, SEP, RunSpec, run_all  # noqa: E402
+import study_cli  # noqa: E402
+from reproduce_diloco import SCALES, RunSpec  # noqa: E402
 
 SPEEDS = [1.0, 0.6, 0.25, 0.4]  # conf/experiment/heterogeneous.yaml's network.compute_speed
 CHURN, STEP_SECONDS = 0.05, 0.02  # and its network.churn.drop_prob and network.step_seconds
@@ -269,40 +269,12 @@ def figure(out: Path, path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output folder (runs/, plan.json, report/)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
-    p.add_argument("--max-steps", type=int, default=None, help="shrink the runs to this many steps (tests)")
-    p.add_argument("--data", default=None, help="replace the data overrides, e.g. synthetic (offline tests)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default 2)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the table")
-    p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
-    args = p.parse_args(argv)
-    runs = plan(args.seeds, args.max_steps)
-    if args.data is not None:
-        for r in runs:
-            r.overrides = [o for o in r.overrides if not o.startswith("data=")] + [f"data={args.data}"]
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args = study_cli.parse(__doc__.split("\n\n")[0], argv)
     steps, warm, H = schedule(args.max_steps)
-    doc = {"speeds": SPEEDS, "churn": CHURN, "step_seconds": STEP_SECONDS, "seeds": args.seeds, "long": LONG,
-           "warmup_sync": warm, "H": H, "max_steps": steps, "runs": [r.__dict__ for r in runs]}  # fmt: skip
-    if not (args.report_only and (out / "plan.json").exists()):  # a re-report keeps the plan the runs were made with
-        (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"{SEP}\nheterogeneous swarm (speeds {SPEEDS}, churn 5%): {len(runs)} runs -> {out / 'runs'}\n{SEP}")
-    if not args.report_only:
-        results = run_all(runs, out, not args.no_progress, args.jobs, 1)
-        failed = [k for k, s in results.items() if s.get("status") != "ok"]
-        if failed:
-            print(f"{len(failed)} runs failed: {', '.join(failed)} (see their summary.json); re-run to retry them")
-    text, numbers = table(out, args.seeds)
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    (report / "heterogeneous.md").write_text(text + "\n")
-    (report / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    figure(out, report / "heterogeneous.png")
-    print(f"{SEP}\n{text}\n{SEP}\ntable, numbers and figure: {report}")
-    return 0
+    plan_doc = {"speeds": SPEEDS, "churn": CHURN, "step_seconds": STEP_SECONDS, "long": LONG, "warmup_sync": warm,
+                "H": H, "max_steps": steps}  # fmt: skip
+    return study_cli.run_study(args, "heterogeneous", f"heterogeneous swarm (speeds {SPEEDS}, churn 5%)",
+                               plan(args.seeds, args.max_steps), plan_doc, table, figure)  # fmt: skip
 
 
 if __name__ == "__main__":

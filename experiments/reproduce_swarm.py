@@ -22,7 +22,6 @@ gradients back), and the share of stage 0's micro-batches the slow peer served.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from reproduce_diloco import SCALES, SEP, RunSpec, run_all  # noqa: E402
+import study_cli  # noqa: E402
+from reproduce_diloco import SCALES, RunSpec  # noqa: E402
 from reproduce_heterogeneous import _mean_sd, _ok, _paired, _rows, schedule  # noqa: E402
 
 STAGES, PEERS, SLOW = 2, 4, 0.25  # stages, peers per stage, the slow peer's speed (peer 3 of stage 0)
@@ -165,41 +165,11 @@ def figure(out: Path, path: Path, seed: int = 0) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="output folder (runs/, plan.json, report/)")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
-    p.add_argument("--max-steps", type=int, default=None, help="shrink the runs to this many steps (tests)")
-    p.add_argument("--data", default=None, help="replace the data overrides, e.g. synthetic (offline tests)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (default 2)")
-    p.add_argument("--report-only", action="store_true", help="only rebuild the table")
-    p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
-    args = p.parse_args(argv)
-    runs = plan(args.seeds, args.max_steps)
-    if args.data is not None:
-        for r in runs:
-            r.overrides = [o for o in r.overrides if not o.startswith("data=")] + [f"data={args.data}"]
-    out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    args = study_cli.parse(__doc__.split("\n\n")[0], argv)
     steps, warm, H = schedule(args.max_steps)
-    doc = {"stages": STAGES, "peers": PEERS, "slow": SLOW, "seeds": args.seeds, "warmup_sync": warm, "H": H,
-           "max_steps": steps, "runs": [r.__dict__ for r in runs]}  # fmt: skip
-    if not (args.report_only and (out / "plan.json").exists()):  # a re-report keeps the plan the runs were made with
-        (out / "plan.json").write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"{SEP}\nSWARM vs DiLoCo-SWARM ({STAGES} stages x {PEERS} peers, wan_100mbit): {len(runs)} runs -> "
-          f"{out / 'runs'}\n{SEP}")  # fmt: skip
-    if not args.report_only:
-        results = run_all(runs, out, not args.no_progress, args.jobs, 1)
-        failed = [k for k, s in results.items() if s.get("status") != "ok"]
-        if failed:
-            print(f"{len(failed)} runs failed: {', '.join(failed)} (see their summary.json); re-run to retry them")
-    text, numbers = table(out, args.seeds)
-    report = out / "report"
-    report.mkdir(exist_ok=True)
-    (report / "swarm.md").write_text(text + "\n")
-    (report / "numbers.json").write_text(json.dumps(numbers, indent=2) + "\n")
-    figure(out, report / "swarm.png")
-    print(f"{SEP}\n{text}\n{SEP}\ntable, numbers and figure: {report}")
-    return 0
+    plan_doc = {"stages": STAGES, "peers": PEERS, "slow": SLOW, "warmup_sync": warm, "H": H, "max_steps": steps}
+    return study_cli.run_study(args, "swarm", f"SWARM vs DiLoCo-SWARM ({STAGES} stages x {PEERS} peers, wan_100mbit)",
+                               plan(args.seeds, args.max_steps), plan_doc, table, figure)  # fmt: skip
 
 
 if __name__ == "__main__":
