@@ -339,8 +339,10 @@ class PipelineGroup(WorkerGroup):
                 continue
             r = rate[p]
             moved = r * self.shares[fast] / self.shares[slow]  # its calls in the other stage cost by parameter share
-            new = min(rates[fast] - r, rates[slow] + moved)
-            if new > rates[slow] * (1 + 1e-9) and (best is None or new > best[0]):
+            after = list(rates)
+            after[fast], after[slow] = rates[fast] - r, rates[slow] + moved
+            new = min(after)  # the pipeline's pace: its slowest stage, whichever that is after the move
+            if new > min(rates) * (1 + 1e-9) and (best is None or new > best[0]):
                 best = (new, c, p, moved)
         if best is None:
             return
