@@ -1,7 +1,7 @@
 """SWARM vs DiLoCo-SWARM: a model cut into 2 pipeline stages of 4 peers each, over 100 Mbit/s, 50 ms WAN links, at
-equal tokens; and what stochastic routing buys when one peer is slow.
+equal tokens; what stochastic routing buys when one peer is slow; and what moving peers buys when a stage is slow.
 
-    python experiments/reproduce_swarm.py --out runs/swarm            # 18 runs, ~6 min on 2 cores
+    python experiments/reproduce_swarm.py --out runs/swarm            # 30 runs, ~4 min on 2 cores
     python experiments/reproduce_swarm.py --out runs/swarm --report-only
 
 The pipeline is ``experiment=swarm`` (conf/experiment/swarm.yaml): pipeline.stages=2, workers=4 (peers per stage,
@@ -12,12 +12,16 @@ d=64 GPT on Shakespeare, 240 steps; DiLoCo's H=18 after a 60-step synchronous wa
 - swarm:                    algorithm=ddp: each stage all-reduces its gradients every step (SWARM);
 - diloco-swarm:             algorithm=diloco: each stage averages its pseudo-gradients every H steps (DiLoCo-SWARM);
 - <either>-slow-fixed:      peer 3 of stage 0 computes 4x slower; fixed routing (its worker's micro-batches wait);
-- <either>-slow-stochastic: the same, with stochastic routing (work in proportion to measured throughput).
+- <either>-slow-stochastic: the same, with stochastic routing (work in proportion to measured throughput);
+- <either>-slowstage:       all 4 peers of stage 1 compute 4x slower; stochastic routing, peers stay put;
+- <either>-slowstage-moves: the same, with pipeline.rebalance_every=20: a stage-0 peer moves to stage 1 at a round
+                            boundary when that speeds up the slowest stage (it downloads the stage's state).
 
 Every run trains the same tokens. Columns: final validation loss (paired difference to swarm), simulated time,
 compute utilisation (mean busy time of the 8 peers over the simulated time), MB each peer sent to its stage's
 averaging ("within stages") and to its neighbouring stages' peers ("between stages": activations forward, their
-gradients back), and the share of stage 0's micro-batches the slow peer served.
+gradients back), the share of stage 0's micro-batches peer 3 served (the slow peer, in the -slow variants), and the
+peers per stage at the end.
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ import study_cli  # noqa: E402
 from reproduce_diloco import SCALES, RunSpec  # noqa: E402
 from reproduce_heterogeneous import _mean_sd, _ok, _paired, _rows, schedule  # noqa: E402
 
-STAGES, PEERS, SLOW = 2, 4, 0.25  # stages, peers per stage, the slow peer's speed (peer 3 of stage 0)
-SLOW_SPEEDS = [1.0] * (PEERS - 1) + [SLOW] + [1.0] * PEERS  # network.compute_speed over the 8 peers
+STAGES, PEERS, SLOW = 2, 4, 0.25  # stages, peers per stage, a slow peer's speed
+SLOW_SPEEDS = [1.0] * (PEERS - 1) + [SLOW] + [1.0] * PEERS  # network.compute_speed over the 8 peers: peer 3 of stage 0
+SLOW_STAGE = [1.0] * PEERS + [SLOW] * PEERS  # every peer of stage 1
+REBALANCE_EVERY = 20
 ALGOS = {"swarm": ["algorithm=ddp"], "diloco-swarm": ["algorithm=diloco"]}
-ROUTINGS = {"": [], "-slow-fixed": ["pipeline.routing=fixed"], "-slow-stochastic": ["pipeline.routing=stochastic"]}
-VARIANTS = [a + r for a in ALGOS for r in ROUTINGS]
+STOCHASTIC = "pipeline.routing=stochastic"
+SCENARIOS: dict[str, tuple[list[str], list[float]]] = {  # suffix -> (overrides, network.compute_speed)
+    "": ([], []),
+    "-slow-fixed": (["pipeline.routing=fixed"], SLOW_SPEEDS),
+    "-slow-stochastic": ([STOCHASTIC], SLOW_SPEEDS),
+    "-slowstage": ([STOCHASTIC], SLOW_STAGE),
+    "-slowstage-moves": ([STOCHASTIC, f"pipeline.rebalance_every={REBALANCE_EVERY}"], SLOW_STAGE),
+}
+VARIANTS = [a + s for a in ALGOS for s in SCENARIOS]
 
 
 def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
@@ -50,8 +63,8 @@ def plan(seeds: int, max_steps: int | None = None) -> list[RunSpec]:
     runs = []
     for algo, algo_overrides in ALGOS.items():
         sync = [f"algorithm.inner_steps={H}", f"algorithm.warmup_sync_steps={warm}"] if algo == "diloco-swarm" else []
-        for suffix, routing in ROUTINGS.items():
-            speeds = [f"network.compute_speed=[{','.join(f'{s:g}' for s in SLOW_SPEEDS)}]"] if suffix else []
+        for suffix, (routing, compute_speed) in SCENARIOS.items():
+            speeds = [f"network.compute_speed=[{','.join(f'{s:g}' for s in compute_speed)}]"] if compute_speed else []
             variant = algo + suffix
             for seed in range(seeds):
                 runs.append(RunSpec(f"{variant}-s{seed}", variant, ["swarm"], seed,
@@ -69,7 +82,7 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
     numbers: dict[str, dict] = {}
     for variant in VARIANTS:
         n = {k: [] for k in ("final", "delta", "sim_seconds", "utilisation", "within_mb", "between_mb", "slow_share",
-                             "tokens")}  # fmt: skip
+                             "tokens", "stage_peers", "moves")}  # fmt: skip
         for s in range(seeds):
             d = runs / f"{variant}-s{s}"
             if not _ok(d):
@@ -85,14 +98,16 @@ def table(out: Path, seeds: int) -> tuple[str, dict]:
             n["tokens"].append(summary["tokens"])
             load = summary["stage_load"][0]
             n["slow_share"].append(load[PEERS - 1] / sum(load))
+            n["stage_peers"].append(summary["stage_peers"])
+            n["moves"].append(summary["stage_moves"])
         numbers[variant] = {"seeds": len(n["final"]), **n}
     return to_markdown(numbers), numbers
 
 
 def to_markdown(numbers: dict[str, dict]) -> str:
     lines = ["| variant | final val loss | Δ vs swarm (paired) | sim s | utilisation | MB within stages / peer "
-             "| MB between stages / peer | slow peer's share of stage 0 | tokens (M) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+             "| MB between stages / peer | peer 3's share of stage 0 | peers per stage (end) | tokens (M) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for variant, n in numbers.items():
         if not n["seeds"]:
             continue
@@ -100,8 +115,14 @@ def to_markdown(numbers: dict[str, dict]) -> str:
         lines.append(f"| {variant} | {_mean_sd(n['final'])} | {delta} | {statistics.mean(n['sim_seconds']):.1f} | "
                      f"{statistics.mean(n['utilisation']):.3f} | {statistics.mean(n['within_mb']):.2f} | "
                      f"{statistics.mean(n['between_mb']):.2f} | {statistics.mean(n['slow_share']):.3f} | "
-                     f"{statistics.mean(n['tokens']) / 1e6:.3f} |")  # fmt: skip
+                     f"{_pools(n['stage_peers'])} | {statistics.mean(n['tokens']) / 1e6:.3f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def _pools(pools: list[list[int]]) -> str:
+    """Peers per stage at the end, "4+4", or each seed's where they differ."""
+    shown = sorted({"+".join(map(str, p)) for p in pools})
+    return " / ".join(shown)
 
 
 def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
@@ -116,6 +137,7 @@ def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
         "swarm.n_runs": str(len(summaries)), "swarm.n_failed": str(sum(s.get("status") != "ok" for s in summaries)),
         "swarm.git_sha": str(summaries[0].get("git_sha", "?"))[:12] if summaries else "?",
         "swarm.slow_expected": f"{doc['slow'] / (doc['peers'] - 1 + doc['slow']):.3f}",
+        "swarm.rebalance_every": str(doc.get("rebalance_every", REBALANCE_EVERY)),
     }  # fmt: skip
     for variant, n in numbers.items():
         if not n["seeds"]:
@@ -128,12 +150,19 @@ def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
         nums[f"{k}.within_mb"] = f"{statistics.mean(n['within_mb']):.2f}"
         nums[f"{k}.between_mb"] = f"{statistics.mean(n['between_mb']):.2f}"
         nums[f"{k}.slow_share"] = f"{statistics.mean(n['slow_share']):.3f}"
+        nums[f"{k}.pools"] = _pools(n["stage_peers"])
     for algo in ALGOS:
         k = f"swarm.{algo.replace('-', '_')}"
         fixed, stochastic = numbers[f"{algo}-slow-fixed"], numbers[f"{algo}-slow-stochastic"]
         if fixed["seeds"] and stochastic["seeds"]:
             ratio = statistics.mean(fixed["sim_seconds"]) / statistics.mean(stochastic["sim_seconds"])
             nums[f"{k}.routing_speedup"] = f"{ratio:.2f}"
+    for algo in ALGOS:
+        k = f"swarm.{algo.replace('-', '_')}"
+        still, moves = numbers[f"{algo}-slowstage"], numbers[f"{algo}-slowstage-moves"]
+        if still["seeds"] and moves["seeds"]:
+            ratio = statistics.mean(still["sim_seconds"]) / statistics.mean(moves["sim_seconds"])
+            nums[f"{k}.rebalance_speedup"] = f"{ratio:.2f}"
     s, d = numbers["swarm"], numbers["diloco-swarm"]
     if s["seeds"] and d["seeds"]:
         nums["swarm.time_ratio"] = f"{statistics.mean(s['sim_seconds']) / statistics.mean(d['sim_seconds']):.1f}"
@@ -167,7 +196,8 @@ def figure(out: Path, path: Path, seed: int = 0) -> Path:
 def main(argv: list[str] | None = None) -> int:
     args = study_cli.parse(__doc__.split("\n\n")[0], argv)
     steps, warm, H = schedule(args.max_steps)
-    plan_doc = {"stages": STAGES, "peers": PEERS, "slow": SLOW, "warmup_sync": warm, "H": H, "max_steps": steps}
+    plan_doc = {"stages": STAGES, "peers": PEERS, "slow": SLOW, "rebalance_every": REBALANCE_EVERY,
+                "warmup_sync": warm, "H": H, "max_steps": steps}  # fmt: skip
     return study_cli.run_study(args, "swarm", f"SWARM vs DiLoCo-SWARM ({STAGES} stages x {PEERS} peers, wan_100mbit)",
                                plan(args.seeds, args.max_steps), plan_doc, table, figure)  # fmt: skip
 

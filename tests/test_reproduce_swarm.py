@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 def test_every_variant_composes_on_the_same_pipeline_at_equal_tokens() -> None:
     from reproduce_diloco import compose
-    from reproduce_swarm import PEERS, SLOW, STAGES, VARIANTS, plan
+    from reproduce_swarm import PEERS, SLOW_SPEEDS, SLOW_STAGE, STAGES, VARIANTS, plan
 
     runs = plan(3)
     assert len(runs) == 3 * len(VARIANTS) and len({r.run_id for r in runs}) == len(runs)
@@ -34,10 +34,12 @@ def test_every_variant_composes_on_the_same_pipeline_at_equal_tokens() -> None:
         ) == (ref.model, ref.train.max_steps, ref.train.batch_size, ref.pipeline.stages, ref.pipeline.microbatches)
         assert cfg.algorithm.name == ("ddp" if run_id.startswith("swarm") else "diloco"), run_id
         speeds = list(cfg.network.compute_speed)
-        assert speeds == ([] if "-slow-" not in run_id else [1.0] * (PEERS - 1) + [SLOW] + [1.0] * PEERS), run_id
-        assert cfg.pipeline.routing.value == (
-            "stochastic" if run_id.endswith(("stochastic-s0", "stochastic-s1", "stochastic-s2")) else "fixed"
-        )
+        slowstage = "-slowstage" in run_id
+        assert speeds == (SLOW_STAGE if slowstage else SLOW_SPEEDS if "-slow-" in run_id else []), run_id
+        stochastic = "-slow-stochastic" in run_id or slowstage
+        assert cfg.pipeline.routing.value == ("stochastic" if stochastic else "fixed"), run_id
+        assert (cfg.pipeline.rebalance_every > 0) == ("-moves" in run_id), run_id
+    assert SLOW_SPEEDS[PEERS - 1] < 1 and min(SLOW_STAGE[PEERS:]) < 1  # the slow peer; the slow stage
 
 
 @pytest.mark.slow

@@ -27,7 +27,8 @@ move (rebalancing) only at round boundaries, when a stage's peers hold its avera
 Each step is priced by its schedule (``schedule.simulate_step``): measured call times, or network.step_seconds
 split by the stages' parameter shares (forward 1/3, backward 2/3), slowed by a peer's straggler draw and divided
 by its compute speed (network.compute_speed over the S x K peers). ``PipelineNetwork`` hands that cost to the
-strategy's timeline. A moved peer's download is counted (``rebalance_bytes``), not priced.
+strategy's timeline. A moved peer's download (``rebalance_bytes``) is priced on its link from the peer it copies,
+as a pause before the next step.
 """
 
 from __future__ import annotations
@@ -349,7 +350,8 @@ class PipelineGroup(WorkerGroup):
         _, c, p, moved = best
         to = self.occupant[slow].index(None)
         serving = [(q, d) for d, q in enumerate(self.occupant[slow]) if q is not None]
-        source = self.workers[max(serving, key=lambda qd: rate[qd[0]])[1]]
+        source_peer, source_column = max(serving, key=lambda qd: rate[qd[0]])
+        source = self.workers[source_column]
         dest = self.workers[to]
         nbytes = 0.0
         for i in self.specs[slow].params:
@@ -363,6 +365,9 @@ class PipelineGroup(WorkerGroup):
             nbytes += sum(t.numel() * t.element_size() for t in [source.params[i], *(state or {}).values()]
                           if torch.is_tensor(t))  # fmt: skip
         self.occupant[fast][c], self.occupant[slow][to] = None, p
+        # The download is priced as a pause of the whole pipeline before its next step (the stage's pool changes
+        # under the router only once the newcomer holds the state): pessimistic, and simple.
+        self.network.book(self.network.transfer_seconds(source_peer, p, nbytes), 0.0)
         self.router.throughput[p] = moved
         self.moves += 1
         self._since["stage_moves"] += 1
