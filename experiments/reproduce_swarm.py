@@ -151,18 +151,17 @@ def paper_numbers(out: Path) -> tuple[dict[str, str], dict[str, str]]:
         nums[f"{k}.between_mb"] = f"{statistics.mean(n['between_mb']):.2f}"
         nums[f"{k}.slow_share"] = f"{statistics.mean(n['slow_share']):.3f}"
         nums[f"{k}.pools"] = _pools(n["stage_peers"])
+    # simulated-time ratios: what stochastic routing and moving peers buy over their baseline
+    speedups = {
+        "routing_speedup": ("-slow-fixed", "-slow-stochastic"),
+        "rebalance_speedup": ("-slowstage", "-slowstage-moves"),
+    }
     for algo in ALGOS:
-        k = f"swarm.{algo.replace('-', '_')}"
-        fixed, stochastic = numbers[f"{algo}-slow-fixed"], numbers[f"{algo}-slow-stochastic"]
-        if fixed["seeds"] and stochastic["seeds"]:
-            ratio = statistics.mean(fixed["sim_seconds"]) / statistics.mean(stochastic["sim_seconds"])
-            nums[f"{k}.routing_speedup"] = f"{ratio:.2f}"
-    for algo in ALGOS:
-        k = f"swarm.{algo.replace('-', '_')}"
-        still, moves = numbers[f"{algo}-slowstage"], numbers[f"{algo}-slowstage-moves"]
-        if still["seeds"] and moves["seeds"]:
-            ratio = statistics.mean(still["sim_seconds"]) / statistics.mean(moves["sim_seconds"])
-            nums[f"{k}.rebalance_speedup"] = f"{ratio:.2f}"
+        for name, (before, after) in speedups.items():
+            a, b = numbers[algo + before], numbers[algo + after]
+            if a["seeds"] and b["seeds"]:
+                ratio = statistics.mean(a["sim_seconds"]) / statistics.mean(b["sim_seconds"])
+                nums[f"swarm.{algo.replace('-', '_')}.{name}"] = f"{ratio:.2f}"
     s, d = numbers["swarm"], numbers["diloco-swarm"]
     if s["seeds"] and d["seeds"]:
         nums["swarm.time_ratio"] = f"{statistics.mean(s['sim_seconds']) / statistics.mean(d['sim_seconds']):.1f}"

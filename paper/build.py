@@ -163,18 +163,11 @@ def build(
     md_tables["setup"] = setup_table(rep, nums)
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
-    s_nums, s_tables = streaming_section(streaming_runs, out)
-    nums.update(s_nums)
-    md_tables.update(s_tables)
-    a_nums, a_tables = attacks_section(attacks_runs, out)
-    nums.update(a_nums)
-    md_tables.update(a_tables)
-    h_nums, h_tables = heterogeneous_section(heterogeneous_runs, out)
-    nums.update(h_nums)
-    md_tables.update(h_tables)
-    w_nums, w_tables = swarm_section(swarm_runs, out)
-    nums.update(w_nums)
-    md_tables.update(w_tables)
+    for section, section_runs in [(streaming_section, streaming_runs), (attacks_section, attacks_runs),
+                                  (heterogeneous_section, heterogeneous_runs), (swarm_section, swarm_runs)]:  # fmt: skip
+        section_nums, section_tables = section(section_runs, out)
+        nums.update(section_nums)
+        md_tables.update(section_tables)
     for name, text in md_tables.items():
         (out / "tables" / f"{name}.md").write_text(text + "\n")
     for study, t in tables.items():

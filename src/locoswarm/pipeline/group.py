@@ -180,6 +180,7 @@ class PipelineGroup(WorkerGroup):
     def _microbatch(self, step, lane, mb, x, y, live, served) -> tuple[float, list[Call]]:
         last = self.stages - 1
         inputs, outputs, peers = [None] * self.stages, [None] * self.stages, [0] * self.stages
+        in_bytes = [0.0] * self.stages  # what each stage's input cost on the wire (a retry sends it again)
         chain: list[Call] = []
         h, source, nbytes = x, None, 0.0
         for s in range(self.stages):  # forward
@@ -193,7 +194,7 @@ class PipelineGroup(WorkerGroup):
             x_in = h if s == 0 else h.detach().requires_grad_()
             out, secs = self._forward(s, p, x_in, y, step)
             chain.append(Call(self.peer(s, p), secs, False, source, nbytes))
-            inputs[s], outputs[s], peers[s] = x_in, out, p
+            inputs[s], outputs[s], peers[s], in_bytes[s] = x_in, out, p, nbytes
             if s < last:
                 h, nbytes = self._cross(out.detach())
                 source = self.peer(s, p)
@@ -209,7 +210,7 @@ class PipelineGroup(WorkerGroup):
                 outputs[s], secs = self._forward(s, p, x_in, y, step)
                 inputs[s], peers[s] = x_in, p
                 upstream = None if s == 0 else self.peer(s - 1, peers[s - 1])
-                chain.append(Call(self.peer(s, p), secs, False, upstream, self._activation_bytes(x_in) if s else 0.0))
+                chain.append(Call(self.peer(s, p), secs, False, upstream, in_bytes[s]))
             t0 = time.perf_counter()
             outputs[s].backward(None if s == last else grad)
             secs = self._seconds(s, p, step, True, time.perf_counter() - t0)
@@ -262,10 +263,6 @@ class PipelineGroup(WorkerGroup):
         """A tensor crossing a stage boundary, as the receiver gets it, and its bytes on the wire."""
         payload = self.codec.encode(t.detach())
         return self.codec.decode(payload).reshape(t.shape).to(t.dtype), float(payload.nbytes)
-
-    def _activation_bytes(self, t: torch.Tensor) -> float:
-        """A retried call's input, sent again."""
-        return float(self.codec.encode(t.detach()).nbytes)
 
     # ------------------------------------------------------------------ what a strategy calls
     def compute_grads(self) -> tuple[list[float], list[torch.Tensor], list[float]]:
