@@ -159,7 +159,7 @@ def test_resume_is_exact(tmp_path):
         (dict(algorithm__name="noloco", algorithm__group_size=5), "algorithm.group_size"),
         (dict(algorithm__name="noloco", algorithm__consensus=-1.0), "algorithm.consensus"),
         (dict(algorithm__name="diloco", algorithm__group_size=3), "algorithm.group_size"),
-        (dict(algorithm__name="noloco", backend__name="hivemind"), "algorithm"),
+        (dict(algorithm__name="noloco", backend__name="torch"), "algorithm"),
         (dict(algorithm__name="noloco", compression__name="int8"), "compression"),
         (dict(algorithm__name="noloco", aggregator__name="median"), "aggregator"),
     ],

@@ -141,7 +141,7 @@ def build_strategy(
     if name == AlgorithmName.noloco:
         anchor = [p.detach().clone() for p in group.params(0)]
         return NoLoCo(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.group_size, a.consensus,
-                      derive_seed(cfg.seed, "noloco"), a.warmup_sync_steps, planner, timeline)  # fmt: skip
+                      derive_seed(cfg.seed, "noloco"), a.warmup_sync_steps, planner, timeline, cfg.workers)  # fmt: skip
     fragments = fragment_indices(names, a.fragments, a.fragment_pattern)
     return StreamingDiLoCo(group, averager, fragments, cfg.outer_optimizer, a.inner_steps, a.overlap_steps,
                            a.mixing, a.warmup_sync_steps, planner, timeline)  # fmt: skip

@@ -654,8 +654,8 @@ def validate(cfg: Config) -> Config:
              "replica towards a distorted mean, so it needs compression=none so far")  # fmt: skip
         need(_enum_value(cfg.aggregator.name) == "mean", "aggregator", _enum_value(cfg.aggregator.name),
              "noloco needs aggregator=mean so far (a robust rule would screen replicas by pseudo-gradient norms)")  # fmt: skip
-        need(_enum_value(cfg.backend.name) == "sim", "algorithm", a.name,
-             "noloco runs on backend=sim so far (gossip groups over hivemind are issue 14's next step)")  # fmt: skip
+        need(_enum_value(cfg.backend.name) in ("sim", "hivemind"), "algorithm", a.name,
+             "noloco runs on backend=sim or hivemind (torch.distributed would need a process group per pair)")  # fmt: skip
         need(f.byzantine == 0 and v.fraction == 0, "algorithm", a.name,
              "noloco has no robust aggregation or verification yet (faults.byzantine, verify.fraction)")  # fmt: skip
     need(cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "must be >= 1")

@@ -94,13 +94,13 @@ class AttackedAverager(Averager):
         self.shares_run_state = inner.shares_run_state
 
     def start(
-        self, tensors: Sequence[torch.Tensor], weights: torch.Tensor, *, key: str = DEFAULT_KEY, ranks=None
+        self, tensors: Sequence[torch.Tensor], weights: torch.Tensor, *, key: str = DEFAULT_KEY, ranks=None, group=None
     ) -> Handle:
         ranks = list(range(weights.numel())) if ranks is None else list(ranks)
         number = getattr(self.inner, "round", self.round)  # the backend's count of rounds started, if it keeps one
         corrupted = self.adversary.corrupt(tensors, weights, ranks, number if isinstance(number, int) else self.round)
         self.round += 1
-        return self.inner.start(corrupted, weights, key=key, ranks=ranks)
+        return self.inner.start(corrupted, weights, key=key, ranks=ranks, group=group)
 
     def _round(self, tensors, weights, key, ranks) -> Round:
         return self.start(tensors, weights, key=key, ranks=ranks).wait()

@@ -141,9 +141,12 @@ class Averager(ABC):
         *,
         key: str = DEFAULT_KEY,
         ranks: Sequence[int] | None = None,
+        group: Sequence[int] | None = None,
     ) -> Handle:
         """Begin averaging ``tensors`` (per parameter (L, *shape)) weighted by ``weights`` (L,) in the stream
-        ``key``. ranks: the global rank of each row (default: the averager's own)."""
+        ``key``. ranks: the global rank of each row (default: the averager's own). group: the global ranks of a
+        gossip round's members (noloco's pairs), None for the whole swarm. A backend that holds every worker (sim)
+        needs only the weights (a non-member's is 0); a real swarm meets only the group's peers."""
         if not isinstance(key, str) or not key:
             raise ValueError(f"key={key!r} is invalid: a non-empty string names a stream of rounds")
         if not self.asynchronous:

@@ -165,6 +165,7 @@ log = logging.getLogger(__name__)
 
 ROUND_BITS = 24  # the round number lives in the matchmaking key's group bits: 16M rounds before it wraps
 REDO_BITS = 2  # ... followed by the re-run count within the round
+GROUP_BITS = 16  # ... and, in a gossip round, its group's tag (the group's lowest rank): only the group meets
 MAX_REDOS = 2
 SKETCH_SLICES = 16
 SKETCH_STRIDE = 64
@@ -569,9 +570,13 @@ class HivemindAverager(Averager):
         return self.codecs[key]
 
     def _averager_for(
-        self, stream: str, tensors: Sequence[torch.Tensor], compression: CompressionBase
+        self, stream: str, tensors: Sequence[torch.Tensor], compression: CompressionBase, target: int | None = None
     ) -> DecentralizedAverager:
+        """target: a gossip round's group size (its own averager: hivemind fixes the target size per averager, and a
+        leader waits for it); None: the whole swarm (``workers``)."""
         key = (stream, *((tuple(t.shape), str(t.dtype)) for t in tensors), type(compression).__name__)
+        if target is not None:
+            key = (*key, target)
         if key not in self._averagers:
             t0 = time.monotonic()
             # One DecentralizedAverager (background process) per stream and tensor schema: its DHT prefix carries
@@ -580,8 +585,8 @@ class HivemindAverager(Averager):
             self._idle()
             # The prefix names the schema, not the order in which this peer met the streams: a joiner whose first
             # round is another fragment's must still meet the swarm's averager of each stream.
-            schema = hashlib.sha1(repr(key[1:]).encode()).hexdigest()[:12]
-            prefix = f"{self.cfg.run_id}_{stream}_avg{schema}"
+            schema = hashlib.sha1(repr(key[1 : 1 + len(tensors) + 1]).encode()).hexdigest()[:12]
+            prefix = f"{self.cfg.run_id}_{stream}_avg{schema}" + (f"_g{target}" if target is not None else "")
             buffers = [torch.zeros(t.shape, dtype=t.dtype) for t in tensors]
             request_timeout = self._request_timeout
             self._averagers[key] = _started(
@@ -590,7 +595,7 @@ class HivemindAverager(Averager):
                     self.dht,
                     start=True,
                     prefix=prefix,
-                    target_group_size=self.workers,
+                    target_group_size=target if target is not None else self.workers,
                     min_group_size=2,
                     min_matchmaking_time=self.cfg.min_matchmaking_time,
                     request_timeout=request_timeout,
@@ -615,29 +620,36 @@ class HivemindAverager(Averager):
         *,
         key: str = DEFAULT_KEY,
         ranks: Sequence[int] | None = None,
+        group: Sequence[int] | None = None,
     ) -> Handle:
         # Encoding and building hivemind's averager process happen here, in the caller's thread: hivemind starts
         # its processes with signal.signal, which only the main thread may call. The network part runs behind.
-        return self._submit(self._finish, self._prepare(list(tensors), weights, key))
+        return self._submit(self._finish, self._prepare(list(tensors), weights, key, group))
 
     def _round(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, ranks) -> Round:
         return self._finish(self._prepare(tensors, weights, key))
 
     @torch.no_grad()
-    def _prepare(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str) -> dict:
+    def _prepare(
+        self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, group: Sequence[int] | None = None
+    ) -> dict:
         """Encode this peer's contribution (error feedback advances here: the codecs are snapshotted first, so a
-        round that then fails can roll it back) and pick the exchange (``aggregate.exchange_path``)."""
+        round that then fails can roll it back) and pick the exchange (``aggregate.exchange_path``). group: a
+        gossip round's member ranks (None: the swarm)."""
         if weights.numel() != 1 or any(t.shape[0] != 1 for t in tensors):
             raise ValueError("backend=hivemind hosts exactly one worker per process (got a stacked batch > 1)")
         if self.rank is None:
             raise ValueError("this peer has no worker rank yet (pick_rank() before averaging)")
+        members = sorted({int(r) for r in group}) if group is not None else None
+        if members is not None and self.rank not in members:
+            raise ValueError(f"a gossip round's group {members} does not hold this peer's rank {self.rank}")
         weight = float(weights[0])
         local = [t[0].detach().to("cpu", torch.float32) for t in tensors]
         codecs = self._codecs_for(key)
         self.clock.entering_round()
         number = self.round + 1  # every peer starts the same rounds in the same order: a swarm-wide sequence
         self.round = number
-        job: dict[str, Any] = {"key": key, "number": number, "codecs": codecs, "unsent": None}
+        job: dict[str, Any] = {"key": key, "number": number, "codecs": codecs, "unsent": None, "group": members}
         # rounds are counted from 0 for shared randomness, as on sim and torch
         with self._rollback_lock:  # the background thread may be rolling back an earlier round of this key
             job["snapshot"] = codecs.snapshot(len(local))
@@ -653,17 +665,20 @@ class HivemindAverager(Averager):
             self._pending.setdefault(key, []).append(job)  # with the encode: no roll back may slip in between
         # every member needs every row to verify it: all-gathered, whatever the codec and the aggregator
         path = "allgather" if self.verify else exchange_path(codecs.summable, codecs.reducible, self.aggregator)
+        target = len(members) if members is not None else None
         try:
-            if path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
+            if members == [self.rank]:
+                mode, averager = "alone", None  # a gossip group of one: our own contribution, nothing to exchange
+            elif path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
                 mode = "reduce"  # fp32: reduce-scatter over our mailbox (comm/exchange.py), not the butterfly
-                averager = self._averager_for(key, [torch.zeros(1)], NoCompression())
+                averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
             elif path == "allreduce" and codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
                 mode = "butterfly"
                 wire = codecs.wire_values(payloads)
-                averager = self._averager_for(key, [wire.to(torch.float32)], BUTTERFLY_WIRE[wire.dtype])
+                averager = self._averager_for(key, [wire.to(torch.float32)], BUTTERFLY_WIRE[wire.dtype], target)
             else:  # a summable wire hivemind cannot carry (bf16) is all-gathered, and summed as the all-reduce would
                 mode = "reduce" if path == "reduce_scatter" else "gather"
-                averager = self._averager_for(key, [torch.zeros(1)], NoCompression())
+                averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
         except BaseException:
             self._settle(job, rolled_back=True)  # the round never starts: nothing of its encode was sent
             raise
@@ -692,15 +707,23 @@ class HivemindAverager(Averager):
         payload_bytes = sum(p.nbytes for p in payloads)
         failed = False
         try:
-            mean, members, total_weight, sent, rejected = self._run_round(
-                number, payloads, weight, mode, codecs, job["averager"], job["path"]
-            )
+            if mode == "alone":
+                mean, members, total_weight, sent, rejected = self._alone(codecs, payloads), [self.rank], weight, 0, {}
+            else:
+                mean, members, total_weight, sent, rejected = self._run_round(
+                    number, payloads, weight, mode, codecs, job["averager"], job["path"], job["group"]
+                )
         except RoundFailed as e:
             self.clock.missed()
             rejected = e.rejected
             for rank, why in sorted(rejected.items()):
                 log.warning("round %d: rank %d's contribution rejected: %s", number, rank, why)
-            if self._others():
+            if job["group"] is not None:
+                # A gossip round: every group averages something else, so a peer whose round failed is not behind
+                # anyone. It keeps its own replica (a zero update: the strategy skips a round without members).
+                log.warning("round %d (group %s) failed (%s); keeping our replica", number, job["group"], e)
+                mean, members, failed = [torch.zeros_like(t) for t in local], [], True
+            elif self._others():
                 # Others are alive: apply a zero update (every peer that missed this round moves its state the
                 # same way, so they stay equal to each other) and take the swarm's state at the boundary. Nothing
                 # of our encode reached anyone: roll the codecs back (error feedback) to before it.
@@ -709,7 +732,7 @@ class HivemindAverager(Averager):
                 mean, members, failed = [torch.zeros_like(t) for t in local], [], True
             else:  # nobody else is left: we are the swarm, a group of one (its update went through the codec too)
                 log.warning("round %d failed (%s) and no other peer is alive; continuing alone", number, e)
-                mean, members = codecs.decode_mean([codecs.pack(payloads)], [1.0], payloads), [self.rank]
+                mean, members = self._alone(codecs, payloads), [self.rank]
             total_weight, sent = weight, 0.0
         finally:
             self._settle(job, rolled_back=failed)  # also when something else raised: the job is no longer pending
@@ -732,6 +755,11 @@ class HivemindAverager(Averager):
             members=members,
             rejected=dict(sorted(rejected.items())),
         )
+
+    @staticmethod
+    def _alone(codecs: LocalCodecs, payloads: list[Payload]) -> list[torch.Tensor]:
+        """The mean of a group of one: our own contribution, through the codec as the group's would be."""
+        return codecs.decode_mean([codecs.pack(payloads)], [1.0], payloads)
 
     def _settle(self, job: dict, rolled_back: bool) -> None:
         """A round of ``job["key"]`` is over (rounds finish in start order, so it is the oldest pending one of its
@@ -775,13 +803,14 @@ class HivemindAverager(Averager):
         codecs: LocalCodecs,
         averager: DecentralizedAverager,
         path: str = "allreduce",
+        gossip: list[int] | None = None,
     ):
         """One round: find a group, exchange, screen and aggregate, check the group agrees. Returns (result, the
         members' worker ranks, total weight, bytes sent, rejected rank -> reason). ``mode``: "butterfly"
         all-reduces the summable wire values in the DecentralizedAverager; "gather" (all-gather) and "reduce"
         (re-quantising reduce-scatter) send the payloads peer to peer (comm/hivemind_gather.py) and the
         DecentralizedAverager only forms the group. ``path``: ``aggregate.exchange_path``'s, which decides how the
-        gathered rows are combined."""
+        gathered rows are combined. ``gossip``: a gossip round's member ranks (only they meet), None: the swarm."""
         if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
             blob = codecs.pack(payloads)
@@ -806,7 +835,10 @@ class HivemindAverager(Averager):
                 for b, t in zip(buffers, local, strict=True):
                     b.copy_(t)
             key = (number % (1 << ROUND_BITS)) << REDO_BITS | min(redo, (1 << REDO_BITS) - 1)
-            averager.set_group_bits(format(key, f"0{ROUND_BITS + REDO_BITS}b"))
+            bits = format(key, f"0{ROUND_BITS + REDO_BITS}b")
+            if gossip is not None:
+                bits += format(min(gossip) % (1 << GROUP_BITS), f"0{GROUP_BITS}b")
+            averager.set_group_bits(bits)
             remaining = give_up - time.monotonic()
             if remaining <= 1.0:
                 raise RoundFailed(f"no time left for attempt {attempt}")
@@ -846,8 +878,9 @@ class HivemindAverager(Averager):
                 except RoundFailed:
                     raise
                 except BaseException as e:  # noqa: BLE001 - hivemind raises anything from MatchmakingException to CancelledError
-                    if started_allreduce is None and self._swarm_is_past(number):
-                        raise RoundFailed(f"every other peer is past round {number} or has left") from e
+                    if started_allreduce is None and self._swarm_is_past(number, gossip):
+                        who = "peer" if gossip is None else f"member of group {gossip}"
+                        raise RoundFailed(f"every other {who} is past round {number} or has left") from e
                     if started_allreduce is None and time.monotonic() + 1.0 < give_up:
                         log.info("round %d: matchmaking attempt %d failed (%r); retrying", number, attempt, e)
                         break
@@ -856,7 +889,7 @@ class HivemindAverager(Averager):
                 continue
             done = time.monotonic()
             # Every member gets the same gathered metadata from hivemind, so all drop the same malformed peers.
-            group, rejected = self._screen_metadata(number, gathered)
+            group, rejected = self._screen_metadata(number, gathered, gossip)
             infos = list(group.values())
             spread = max(i["t"] for i in infos) - min(i["t"] for i in infos)
             n = len(group)
@@ -906,12 +939,15 @@ class HivemindAverager(Averager):
             )
             for rank, why in sorted(rejected.items()):
                 log.warning("round %d: rank %d's contribution rejected: %s", number, rank, why)
-            expected = 1 + sum(1 for r in self._others() if int(r.get("round", -1)) >= number - 1)
+            expected = 1 + sum(1 for r in self._others() if int(r.get("round", -1)) >= number - 1
+                               and (gossip is None or r.get("rank") in gossip))  # fmt: skip
             if n < expected:
                 self.clock.missed()  # live peers were left out: widen the window for the next round
             return mean, members, float(sum(i["w"] for i in infos)), sent, rejected
 
-    def _screen_metadata(self, number: int, gathered: dict) -> tuple[dict, dict[int, str]]:
+    def _screen_metadata(
+        self, number: int, gathered: dict, gossip: list[int] | None = None
+    ) -> tuple[dict, dict[int, str]]:
         """The group's metadata, checked (``malformed_metadata``): (peer -> metadata of the well-formed members,
         rejected rank -> reason for the others). A malformed peer, or one outside ``backend.allowed_peers``, is
         dropped from the round: the payload exchange neither waits for it nor uses what it sends. A malformed peer
@@ -927,6 +963,8 @@ class HivemindAverager(Averager):
                 bad[peer] = f"malformed round metadata from peer {peer}: {why}"
             elif info["rank"] in self.excluded and peer != me:
                 bad[peer] = f"excluded: {self.excluded[info['rank']]}"
+            elif gossip is not None and info["rank"] not in gossip:
+                bad[peer] = f"rank {info['rank']} is not in this gossip round's group {gossip}"
             else:
                 group[peer] = info
         if me not in group:
@@ -1312,11 +1350,12 @@ class HivemindAverager(Averager):
         else:
             log.info("resync: state from a peer was stale (%s); trying again next boundary", str(meta)[:200])
 
-    def _swarm_is_past(self, number: int) -> bool:
-        """Whether no one is left to meet in round ``number``: every other peer we know of has finished it or left.
-        (No record at all proves nothing, e.g. a DHT hiccup: then we keep trying until the deadline.)"""
+    def _swarm_is_past(self, number: int, gossip: list[int] | None = None) -> bool:
+        """Whether no one is left to meet in round ``number``: every other peer we know of (of the gossip group's
+        ranks, if given) has finished it or left. (No record at all proves nothing, e.g. a DHT hiccup: then we keep
+        trying until the deadline.)"""
         me = self.dht.peer_id.to_bytes().hex()
-        records = [r for k, r in self.progress().items() if k != me]
+        records = [r for k, r in self.progress().items() if k != me and (gossip is None or r.get("rank") in gossip)]
         return bool(records) and all(r.get("left") or _is_int(r.get("finished")) and r["finished"] >= number
                                      for r in records)  # fmt: skip
 

@@ -68,11 +68,14 @@ class NoLoCo(ReplicaStrategy):
         warmup_sync_steps: int = 0,
         planner: PhasePlanner | None = None,
         timeline: Timeline | None = None,
+        workers: int | None = None,
     ):
         if group_size < 1:
             raise ValueError(f"algorithm.group_size={group_size} is invalid: need at least 1 worker per group")
         super().__init__(group, averager, anchor, outer, inner_steps, warmup_sync_steps, planner, timeline)
         self.group_size, self.consensus, self.seed = group_size, consensus, seed
+        # the swarm's ranks, which every peer partitions the same way (a real peer hosts one of them)
+        self.swarm_ranks = list(range(workers)) if workers is not None else list(group.ranks)
         self.phases = 0  # phases synchronised so far: draws each phase's groups
 
     def round(self, remaining: int) -> RoundReport:
@@ -83,19 +86,21 @@ class NoLoCo(ReplicaStrategy):
         extras = pseudo_gradient_stats(pseudo)
         weights = self.group.tokens_per_step() * torch.tensor(phase.plan.claims, dtype=torch.float64)
         ranks = self.group.ranks
-        groups = gossip_groups(ranks, self.group_size, self.seed, self.phases)
+        groups = gossip_groups(self.swarm_ranks, self.group_size, self.seed, self.phases)
         self.phases += 1
         n = len(pseudo)
         started_at = self.timeline.now
-        # every group's round starts now, each over its members only (the others have weight 0 in it)
+        # Every group's round starts now, each over its members only (the others have weight 0 in it). A process
+        # takes part in the groups of its own workers: on sim all of them, on a real swarm its peer's one.
         flights = []
         for members in groups:
             mask = torch.tensor([r in members for r in ranks], dtype=torch.float64)
-            if float((weights * mask).sum()) > 0:  # a group whose members all sat the phase out has nothing to say
-                flights.append((members, self.averager.start([*pseudo, *self.anchors], weights * mask,
-                                                             key=DEFAULT_KEY, ranks=ranks)))  # fmt: skip
+            if not mask.any() or (mask.sum() == len(members) and not float((weights * mask).sum()) > 0):
+                continue  # not ours, or every member is ours and sat the phase out: nothing to say
+            flights.append((members, self.averager.start([*pseudo, *self.anchors], weights * mask, key=DEFAULT_KEY,
+                                                         ranks=ranks, group=members)))  # fmt: skip
         update = [torch.zeros_like(p) for p in pseudo]
-        rounds = []
+        rounds, distances = [], []
         for members, handle in flights:
             result = handle.wait()
             rounds.append(result)
@@ -106,13 +111,17 @@ class NoLoCo(ReplicaStrategy):
                 if r in members:
                     for u, d, a, mine in zip(update, mean_pseudo, mean_anchor, self.anchors, strict=True):
                         u[j] = d + self.consensus * (mine[j] - a)
+                    distances.append(tensor_norm([mine[j] - a for mine, a in zip(self.anchors, mean_anchor,
+                                                                                    strict=True)]))  # fmt: skip
         comm = parallel_round(rounds)
         self.timeline.wait(self.timeline.exchange(started_at, comm.seconds))
         self.outer.step(update)
         self.group.load_params_each(self.anchors)
         extras["outer_grad_norm"] = tensor_norm([u[0] for u in update])
         extras.update(OuterOptimizer.norms([self.outer]))  # over the L stacked local optimisers
-        extras["replica_spread"] = self.replica_spread()
+        # the replicas' spread needs every replica (sim); any peer can say how far it was from its group's mean
+        extras["replica_spread"] = self.replica_spread() if len(ranks) == len(self.swarm_ranks) else None
+        extras["group_distance"] = sum(distances) / len(distances) if distances else None
         extras["gossip_groups"] = groups
         return self._report(phase.steps, phase.losses, phase.seconds, [comm], True, comm.total_weight, extras)
 
