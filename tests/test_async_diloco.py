@@ -13,7 +13,7 @@ from helpers import build_test_group, final_params, max_rel_diff, tiny_config
 from locoswarm.checkpoint import load_checkpoint
 from locoswarm.comm.sim import SimAverager
 from locoswarm.compression import codec_factory
-from locoswarm.config import CompressionConfig, OuterOptimizerConfig, validate
+from locoswarm.config import CompressionConfig, CompressionName, OuterOptimizerConfig, validate
 from locoswarm.faults import PhasePlanner
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import DelayedNesterov
@@ -178,3 +178,56 @@ def test_a_checkpoint_holds_the_phases_in_flight(tmp_path):
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ValueError, match=rf"^{key}="):
         validate(tiny_config(workers=4, **{"network__step_seconds": 0.01, **overrides}))
+
+
+@pytest.mark.parametrize("name", [c.value for c in CompressionName])
+def test_the_holder_decodes_every_codecs_push(name):
+    """A real swarm's push (comm/shared_model.py): the holder, with a fresh codec and only the push's number,
+    decodes exactly what the pusher's codec (error feedback and PowerSGD state advancing over three pushes) sent."""
+    from locoswarm.comm.exchange import LocalCodecs
+    from locoswarm.comm.shared_model import push_codec
+
+    cfg = CompressionConfig(name=name, ratio=0.1, error_feedback=True)
+    shapes = [torch.Size([16, 8]), torch.Size([8])]
+    encode, decode, size = push_codec(cfg, 7, shapes)
+    mirror = LocalCodecs(cfg, 7, "async")  # the pusher's codec state, to read what it sent
+    g = torch.Generator().manual_seed(0)
+    for number in (0, 5, 6):
+        update = [torch.randn(s, generator=g) for s in shapes]
+        blob = encode(update, number)
+        payloads = mirror.encode(update, round_=number)
+        assert len(blob) == size and blob == mirror.pack(payloads)
+        got, sent = decode(blob, number), mirror.decode_row(blob, payloads)
+        assert all(torch.equal(a, b) for a, b in zip(got, sent, strict=True))
+    with pytest.raises(ValueError, match="bytes, expected"):
+        decode(blob[:-1], 6)
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"version": 9}, "ahead of the model"),
+        ({"rank": 3}, "outside the run's 3 workers"),
+        ({"tokens": float("nan")}, "tokens is not a finite"),
+        ({"steps": -1}, "steps is not a non-negative integer"),
+        ({"seconds": "1"}, "seconds is not a finite"),
+        ({"rank": True}, "rank is not a non-negative integer"),
+    ],
+)
+def test_a_push_header_is_checked(change, why):
+    from locoswarm.comm.shared_model import check_header
+
+    good = {"rank": 2, "version": 4, "tokens": 384.0, "steps": 3, "seconds": 0.1, "number": 4}
+    assert check_header(good, version=8, workers=3) is None
+    assert why in check_header({**good, **change}, version=8, workers=3)
+    assert check_header([1], version=8, workers=3) == "not a dictionary"
+
+
+def test_the_model_travels_as_fp32_bytes():
+    from locoswarm.comm.shared_model import pack_params, unpack_params
+
+    like = [torch.randn(3, 4), torch.randn(5)]
+    blob = pack_params(like)
+    assert len(blob) == 4 * 17 and all(torch.equal(a, b) for a, b in zip(unpack_params(blob, like), like, strict=True))
+    with pytest.raises(ValueError, match="expected 68"):
+        unpack_params(blob + b"x", like)

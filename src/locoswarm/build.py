@@ -28,6 +28,7 @@ from locoswarm.seeding import derive_seed
 from locoswarm.strategies import (
     DDP,
     AsyncDiLoCo,
+    AsyncDiLoCoPeer,
     DiLoCo,
     EagerDiLoCo,
     NoLoCo,
@@ -134,6 +135,11 @@ def build_strategy(
         anchor = [p.detach().clone() for p in group.params(0)]
         return DiLoCo(group, averager, anchor, OuterOptimizer(anchor, cfg.outer_optimizer), a.inner_steps,
                       a.warmup_sync_steps, planner, timeline, a.outer_delay, verifier)  # fmt: skip
+    if name == AlgorithmName.async_diloco and BackendName(cfg.backend.name) != BackendName.sim:
+        # a real swarm: this process's one worker, the global model held by a peer (comm/shared_model.py)
+        anchor = [p.detach().clone() for p in group.params(0)]
+        return AsyncDiLoCoPeer(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.momentum_delay,
+                               a.dynamic_steps, a.warmup_sync_steps, planner, timeline, cfg.workers)  # fmt: skip
     if name == AlgorithmName.async_diloco:
         anchor = [p.detach().clone() for p in group.params(0)]
         return AsyncDiLoCo(group, averager, anchor, cfg.outer_optimizer, a.inner_steps, a.momentum_delay,

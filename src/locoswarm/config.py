@@ -640,8 +640,8 @@ def validate(cfg: Config) -> Config:
              a.momentum_delay, "delays nesterov's momentum: needs outer_optimizer=nesterov")  # fmt: skip
         need(a.time_budget is None, "algorithm.time_budget", a.time_budget,
              "async_diloco sets each worker's steps itself (algorithm.dynamic_steps)")  # fmt: skip
-        need(_enum_value(cfg.backend.name) == "sim", "algorithm", a.name,
-             "async_diloco runs on backend=sim so far (a versioned global model over hivemind is issue 14's next step)")  # fmt: skip
+        need(_enum_value(cfg.backend.name) in ("sim", "hivemind"), "algorithm", a.name,
+             "async_diloco runs on backend=sim or hivemind (torch.distributed has no peer to hold the global model)")  # fmt: skip
         need(f.byzantine == 0 and f.lazy == 0 and v.fraction == 0, "algorithm", a.name,
              "async_diloco has no robust aggregation or verification yet (faults.byzantine, faults.lazy, "
              "verify.fraction)")  # fmt: skip

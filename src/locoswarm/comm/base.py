@@ -193,6 +193,10 @@ class Averager(ABC):
         """Drop ``rank``'s contributions from every later round (it failed a verification)."""
         raise NotImplementedError(f"{type(self).__name__} cannot verify peers (verify.fraction needs sim or hivemind)")
 
+    def shared_model(self, params, apply, outer_state, load_outer_state):
+        """async_diloco's global model on a real swarm, held by one live peer (comm/shared_model.py)."""
+        raise NotImplementedError(f"{type(self).__name__} holds no shared model (async_diloco needs sim or hivemind)")
+
     def state_dict(self) -> dict:
         """What a resume needs (codecs' residuals, the round sequence number)."""
         return {}

@@ -158,6 +158,7 @@ from locoswarm.comm.hivemind_gather import GatherFailed, PayloadMailbox
 from locoswarm.comm.identity import AllowedPeersValidator, fresh_identity, read_allowed_peers, writer
 from locoswarm.comm.identity import forget as forget_identity
 from locoswarm.comm.identity import load as load_identity
+from locoswarm.comm.shared_model import SharedModel, push_codec
 from locoswarm.compression import Payload
 from locoswarm.config import AggregatorConfig, BackendConfig, CompressionConfig
 
@@ -445,6 +446,7 @@ class HivemindAverager(Averager):
         self._pending: dict[str, list[dict]] = {}
         self._rollback_lock = threading.Lock()
         self._mailbox: PayloadMailbox | None = None
+        self._shared: SharedModel | None = None
         self.clock = RoundClock(cfg)
         self.verify = verify
         self.excluded: dict[int, str] = {}  # rank -> why: failed a verification, dropped from every round (``exclude``)
@@ -979,6 +981,34 @@ class HivemindAverager(Averager):
             rejected[rank] = f"{rejected[rank]}; {why}" if rank in rejected else why
         return group, rejected
 
+    def shared_model(
+        self,
+        params: Sequence[torch.Tensor],
+        apply: Callable[[list[torch.Tensor], dict], dict],
+        outer_state: Callable[[], dict],
+        load_outer_state: Callable[[dict | None], None],
+    ) -> SharedModel:
+        """async_diloco's global model (comm/shared_model.py): pushes go through the run's codec (key "async"),
+        its claims are signed DHT records, and a clean exit hands it to the lowest live rank."""
+        if self._shared is not None:
+            return self._shared
+        encode, decode, size = push_codec(self.compression, self.seed, [p.shape for p in params])
+
+        def live() -> list[tuple[PeerID, int]]:
+            me = self.dht.peer_id.to_bytes().hex()
+            return [(PeerID(bytes.fromhex(k)), int(r["rank"])) for k, r in self.progress().items()
+                    if k != me and not r.get("left") and _is_int(r.get("rank"))]  # fmt: skip
+
+        with self._dht_lock:  # it replicates the DHT's P2P client through the DHT's pipe
+            self._shared = SharedModel(
+                self.dht, f"{self.cfg.run_id}_model", self.rank, self.workers, params,
+                encode=encode, decode=decode, payload_limit=size, apply=apply, outer_state=outer_state,
+                load_outer_state=load_outer_state,
+                store=lambda key, value, ttl: self._dht_store(key, value, ttl, wait=False), get=self._dht_get,
+                live=live, patience=max(120.0, self.cfg.first_round_timeout),
+            )  # fmt: skip
+        return self._shared
+
     def _mailbox_for(self) -> PayloadMailbox:
         if self._mailbox is None:
             with self._dht_lock:  # it replicates the DHT's P2P client through the DHT's pipe
@@ -1370,6 +1400,10 @@ class HivemindAverager(Averager):
             return
         self._closed = True
         super().close()
+        if self._shared is not None:  # first: a holder hands the global model over while the DHT is up
+            with contextlib.suppress(Exception):
+                self._shared.close()
+            self._shared = None
         with self._cond:
             self._cond.notify_all()
         with contextlib.suppress(Exception):  # tell stragglers we are gone, so they do not wait for us

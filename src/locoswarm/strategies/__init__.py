@@ -3,6 +3,7 @@
 all-reduce) and ``async_diloco`` (no barrier: each worker's update lands when it is done)."""
 
 from locoswarm.strategies.async_diloco import AsyncDiLoCo
+from locoswarm.strategies.async_peer import AsyncDiLoCoPeer
 from locoswarm.strategies.base import RoundReport, Strategy
 from locoswarm.strategies.ddp import DDP
 from locoswarm.strategies.diloco import DiLoCo
@@ -13,6 +14,7 @@ from locoswarm.strategies.streaming import StreamingDiLoCo, fragment_indices
 __all__ = [
     "DDP",
     "AsyncDiLoCo",
+    "AsyncDiLoCoPeer",
     "DiLoCo",
     "EagerDiLoCo",
     "NoLoCo",
