@@ -5,6 +5,9 @@
 (c) SIGKILL of 1 of 4 peers mid-run: the other 3 finish every outer step with status ok, still in sync.
 (d) a late joiner downloads the swarm's state and ends with the swarm's params.
 (e) nothing is left running: no peer, DHT, averager or p2pd process survives a test.
+(f) noloco's gossip pairs: 4 peers end where the sim's 4 replicas do; a kill and a rejoin with the dead rank.
+(g) async_diloco's shared model: one peer is diloco on sim; 3 peers apply every update exactly once (any codec);
+    its holder SIGKILLed, a survivor takes over and a replacement joins.
 """
 
 from __future__ import annotations

@@ -12,6 +12,17 @@ Rounds
     peer to arrive waits ``window`` seconds unless all ``workers`` peers have arrived earlier. The average is
     weighted by the tokens each peer processed.
 
+Gossip rounds (``start(..., group=ranks)``: noloco's pairs)
+    Only the group's peers meet: the group's tag (its lowest rank) follows the round number in the group bits, and
+    the averager's target size is the group's (one averager per size), so a pair forms as soon as both arrive. A
+    member whose rank is not in the group is dropped like malformed metadata. A gossip round that fails applies a
+    zero update without marking the peer out of sync (every group averages something else, so there is no swarm
+    state to catch up with); a group of one exchanges nothing.
+
+async_diloco's global model (``shared_model``)
+    Not a round at all: one live peer holds the model and the others push to and pull from it over the same P2P
+    connections, with no barrier; see comm/shared_model.py.
+
 Compression (``compression=...``, the same config as on ``sim``; see ``comm/exchange.py``)
     Every peer encodes its pseudo-gradient once per round with its own codecs (error feedback stays local; the
     codecs are checkpointed with the averager). Random-k's shared indices are keyed by the agreed round number,

@@ -25,7 +25,13 @@ required so far: a lossy codec would pull every replica towards a distorted mean
 Groups exchange at the same time over disjoint links, so a phase's exchange lasts as long as its slowest group's
 (one booking on the timeline), and its bytes per worker are the mean over the workers that took part. The model
 evaluated is the first local worker's replica (a peer has no other); ``replica_spread`` in every sync row is the
-mean L2 distance of the replicas to their average (sim: every replica is in this process).
+mean L2 distance of the replicas to their average, logged where every replica is in this process (sim), and
+``group_distance`` is the local replicas' mean distance to their group's mean (any backend).
+
+The partition is drawn over the swarm's ranks (``workers``), so on a real swarm, where a process hosts one worker,
+every peer draws the same groups and starts only its own group's round (``Averager.start(group=...)``: hivemind
+then meets only that group's peers). A gossip round that fails there (the partner is gone) is a round without
+members: a zero update, as above.
 """
 
 from __future__ import annotations
