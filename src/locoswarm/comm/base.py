@@ -193,6 +193,12 @@ class Averager(ABC):
         """Drop ``rank``'s contributions from every later round (it failed a verification)."""
         raise NotImplementedError(f"{type(self).__name__} cannot verify peers (verify.fraction needs sim or hivemind)")
 
+    def board(self, key: str, values: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """A small per-peer vector every peer can read (noloco's replica sketches on a real swarm): store ours under
+        ``key`` (if given) and return every one stored there so far, by rank. A backend that holds every worker
+        needs none."""
+        raise NotImplementedError(f"{type(self).__name__} has no board (a process here holds every worker)")
+
     def shared_model(self, params, apply, outer_state, load_outer_state):
         """async_diloco's global model on a real swarm, held by one live peer (comm/shared_model.py)."""
         raise NotImplementedError(f"{type(self).__name__} holds no shared model (async_diloco needs sim or hivemind)")

@@ -992,6 +992,20 @@ class HivemindAverager(Averager):
             rejected[rank] = f"{rejected[rank]}; {why}" if rank in rejected else why
         return group, rejected
 
+    def board(self, key: str, values: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        full = f"{self.cfg.run_id}_board_{key}"
+        mine = None if values is None else values.detach().to("cpu", torch.float32).reshape(-1)
+        if mine is not None:
+            self._dht_store(full, {"rank": self.rank, "v": mine.numpy().tobytes()}, ttl=600, wait=False)
+        seen: dict[int, torch.Tensor] = {}
+        for record in self._dht_get(full).values():  # signed records; a malformed one is skipped
+            rank, blob = (record.get("rank"), record.get("v")) if isinstance(record, dict) else (None, None)
+            if _is_int(rank) and 0 <= rank < self.workers and isinstance(blob, bytes) and len(blob) % 4 == 0:
+                seen[rank] = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+        if mine is not None:
+            seen[self.rank] = mine
+        return seen
+
     def shared_model(
         self,
         params: Sequence[torch.Tensor],

@@ -83,6 +83,7 @@ class NoLoCo(ReplicaStrategy):
         # the swarm's ranks, which every peer partitions the same way (a real peer hosts one of them)
         self.swarm_ranks = list(range(workers)) if workers is not None else list(group.ranks)
         self.phases = 0  # phases synchronised so far: draws each phase's groups
+        self._sketch: torch.Tensor | None = None  # the coordinates a real peer publishes (``spread_estimate``)
 
     def round(self, remaining: int) -> RoundReport:
         if self.group.step < self.warmup_sync_steps:
@@ -125,8 +126,12 @@ class NoLoCo(ReplicaStrategy):
         self.group.load_params_each(self.anchors)
         extras["outer_grad_norm"] = tensor_norm([u[0] for u in update])
         extras.update(OuterOptimizer.norms([self.outer]))  # over the L stacked local optimisers
-        # the replicas' spread needs every replica (sim); any peer can say how far it was from its group's mean
-        extras["replica_spread"] = self.replica_spread() if len(ranks) == len(self.swarm_ranks) else None
+        # the replicas' spread needs every replica: exact where this process holds them all (sim), else estimated
+        # from the peers' published sketches; any peer can say how far it was from its group's mean
+        if len(ranks) == len(self.swarm_ranks):
+            extras["replica_spread"] = self.replica_spread()
+        else:
+            extras.update(self.spread_estimate(self.phases - 1))
         extras["group_distance"] = sum(distances) / len(distances) if distances else None
         extras["gossip_groups"] = groups
         return self._report(phase.steps, phase.losses, phase.seconds, [comm], True, comm.total_weight, extras)
@@ -137,6 +142,28 @@ class NoLoCo(ReplicaStrategy):
         sq = sum(((a - a.mean(dim=0, keepdim=True)).double() ** 2).reshape(a.shape[0], -1).sum(dim=1)
                  for a in self.anchors)  # fmt: skip
         return float(torch.as_tensor(sq).sqrt().mean())
+
+    SKETCH = 2048  # coordinates of a replica a real peer publishes each phase for the spread estimate
+
+    @torch.no_grad()
+    def spread_estimate(self, phase: int) -> dict:
+        """A real swarm, where a peer holds one replica: it publishes a fixed seeded subsample of its replica (after
+        this phase's step) on the averager's board, and estimates the previous phase's spread (by now every peer
+        has published it, or nearly) from the subsamples there: each replica's distance to their mean on the
+        sampled coordinates, scaled by sqrt(parameters / sampled)."""
+        flat = torch.cat([a[0].reshape(-1).float().cpu() for a in self.anchors])
+        if self._sketch is None:
+            g = torch.Generator().manual_seed(derive_seed(self.seed, "spread"))
+            self._sketch = torch.randperm(flat.numel(), generator=g)[: self.SKETCH]
+        self.averager.board(f"spread{phase}", flat[self._sketch])
+        seen = self.averager.board(f"spread{phase - 1}") if phase > 0 else {}
+        rows = [v for v in seen.values() if v.numel() == self._sketch.numel()]
+        if len(rows) < 2:
+            return {}
+        stacked = torch.stack(rows).double()
+        distance = (stacked - stacked.mean(dim=0)).norm(dim=1) * (flat.numel() / self._sketch.numel()) ** 0.5
+        return {"replica_spread_estimate": float(distance.mean()), "replica_spread_estimate_phase": phase - 1,
+                "replica_spread_estimate_peers": len(rows)}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {
