@@ -502,29 +502,31 @@ def test_noloco_pairs_match_sim(tmp_path, swarms):
 
 def test_noloco_survives_a_kill_and_a_rejoin(tmp_path, swarms):
     """SIGKILL peer 3 as it looks for its round-2 partner: that partner's round fails and it keeps its own replica
-    (a zero update, no resync: gossip rounds average different things anyway); a replacement joins with rank 3,
-    takes a live peer's state and pairs again. Every survivor and the joiner finish every round with status ok."""
-    overrides = [*NOLOCO, "seed=2", "train.max_steps=90"]  # 30 rounds: time for the joiner to arrive
+    (a zero update; a peer left behind by the others resyncs); a replacement joins with rank 3, takes a live peer's
+    state and pairs again. Every survivor and the joiner finish every round with status ok."""
+    overrides = [*NOLOCO, "seed=2", "train.max_steps=60"]  # 20 rounds: time for the joiner to arrive
     swarm = swarms(["--peers", "4", "--out", str(tmp_path / "swarm"), *overrides])
     maddr = swarm.wait_for(r"peer-0 DHT address: (\S+)", limit=RUN_LIMIT).group(1)
     swarm.wait_for(r"\[peer-3\].*round 1: group of", limit=RUN_LIMIT)
     swarm.wait_for(r"\[peer-3\].*round 2: looking for a group", limit=RUN_LIMIT)
     os.killpg(swarm.peer_pid("3"), signal.SIGKILL)
     joiner = swarms(["join", maddr, "--rank", "3", "--out", str(tmp_path / "joiner"), *overrides])
-    assert joiner.wait() == 0, "".join(joiner.lines[-60:])
-    assert swarm.wait() == 1  # the killed peer did not finish ok
+    # Slower than diloco's kill test (50-110 s here): a round whose partner is gone waits out its deadline while the
+    # other pairs go on, and a peer left behind then skips to the slowest live peer's round (comm/hivemind.py's
+    # "Gossip rounds"), so the bound is twice a swarm run's.
+    assert joiner.wait(2 * RUN_LIMIT) == 0, "".join(joiner.lines[-60:])
+    assert swarm.wait(2 * RUN_LIMIT) == 1  # the killed peer did not finish ok
     assert "SIGKILL" in summary(tmp_path / "swarm" / "peer-3")["error"]
     failed = 0
     for run in [*(tmp_path / "swarm" / f"peer-{i}" for i in range(3)), tmp_path / "joiner"]:
         s = summary(run)
-        assert s["status"] == "ok" and s["steps"] == 90 and math.isfinite(s["final_val_loss"]), s
+        assert s["status"] == "ok" and s["steps"] == 60 and math.isfinite(s["final_val_loss"]), s
         sizes = [r["group_size"] for r in sync_rows(run)]
-        assert set(sizes) <= {0, 2} and sizes.count(2) >= 5, sizes
+        assert set(sizes) <= {0, 2} and sizes.count(2) >= 3, sizes
         failed += sizes.count(0)
     assert failed >= 1  # the dead peer's partner in round 2 met no one
     loaded = joiner.wait_for(r"loaded the swarm's state at round (\d+)", limit=1)
-    assert 2 <= int(loaded.group(1)) < 30
-    assert not any("resync" in line for line in swarm.lines if "[peer-3]" not in line), "a gossip peer resynced"
+    assert 2 <= int(loaded.group(1)) < 20
 
 
 ASYNC = [*(o for o in TINY if o != "algorithm=diloco"), "algorithm=async_diloco"]

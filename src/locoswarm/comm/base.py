@@ -49,6 +49,7 @@ class Round:
     key: str = DEFAULT_KEY  # the stream of rounds this one belongs to
     members: list[int] = field(default_factory=list)  # global ranks whose contributions are in the mean
     rejected: dict[int, str] = field(default_factory=dict)  # global rank -> why its contribution was dropped
+    skipped: int = 0  # later rounds of the swarm this peer skips, left behind after a failed gossip round (hivemind)
 
 
 def parallel_round(rounds: Sequence[Round]) -> Round:

@@ -16,8 +16,11 @@ Gossip rounds (``start(..., group=ranks)``: noloco's pairs)
     Only the group's peers meet: the group's tag (its lowest rank) follows the round number in the group bits, and
     the averager's target size is the group's (one averager per size), so a pair forms as soon as both arrive. A
     member whose rank is not in the group is dropped like malformed metadata. A gossip round that fails applies a
-    zero update without marking the peer out of sync (every group averages something else, so there is no swarm
-    state to catch up with); a group of one exchanges nothing.
+    zero update and the peer keeps its own replica (every group averages something else); a group of one
+    exchanges nothing. Gossip still runs in lockstep (a phase's groups and its key are the round's), and a failed
+    round costs its pair the whole deadline while the other pairs go on, so a pair can fall behind: a peer whose
+    round failed while live peers are past it skips to their round at once with its own replica (``Round.skipped``;
+    the strategy skips the same phases of its partition), which keeps the swarm in step without a download.
 
 async_diloco's global model (``shared_model``)
     Not a round at all: one live peer holds the model and the others push to and pull from it over the same P2P
@@ -718,7 +721,7 @@ class HivemindAverager(Averager):
         )
         mode = job["mode"]
         payload_bytes = sum(p.nbytes for p in payloads)
-        failed = False
+        failed, skipped = False, 0
         try:
             if mode == "alone":
                 mean, members, total_weight, sent, rejected = self._alone(codecs, payloads), [self.rank], weight, 0, {}
@@ -732,10 +735,21 @@ class HivemindAverager(Averager):
             for rank, why in sorted(rejected.items()):
                 log.warning("round %d: rank %d's contribution rejected: %s", number, rank, why)
             if job["group"] is not None:
-                # A gossip round: every group averages something else, so a peer whose round failed is not behind
-                # anyone. It keeps its own replica (a zero update: the strategy skips a round without members).
-                log.warning("round %d (group %s) failed (%s); keeping our replica", number, job["group"], e)
+                # A gossip round: every group averages something else, so a peer whose partner is gone keeps its own
+                # replica (a zero update: the strategy skips a round without members). Gossip runs in step (a
+                # phase's groups and key are the round's), so a peer the others have left behind skips to their
+                # round at once, keeping its replica (``Round.skipped``; the strategy skips the same phases).
                 mean, members, failed = [torch.zeros_like(t) for t in local], [], True
+                # as far as the slowest live peer that is not behind us (a peer behind us is dead or catching up):
+                # skipping further would strand the partners still in the rounds we skip
+                ahead = min((int(r["round"]) for r in self._others()
+                             if _is_int(r.get("round")) and int(r["round"]) >= number), default=number)  # fmt: skip
+                if ahead > number:
+                    skipped = ahead - number
+                    log.warning("round %d (group %s) failed (%s); the swarm is at round %d: skipping to it with our "
+                                "replica", number, job["group"], e, ahead)  # fmt: skip
+                else:
+                    log.warning("round %d (group %s) failed (%s); keeping our replica", number, job["group"], e)
             elif self._others():
                 # Others are alive: apply a zero update (every peer that missed this round moves its state the
                 # same way, so they stay equal to each other) and take the swarm's state at the boundary. Nothing
@@ -749,7 +763,8 @@ class HivemindAverager(Averager):
             total_weight, sent = weight, 0.0
         finally:
             self._settle(job, rolled_back=failed)  # also when something else raised: the job is no longer pending
-            self.finished = number
+            self.round += skipped  # no round of ours runs in between: noloco waits for each before the next
+            self.finished = number + skipped
             if failed and self._evidence is not None and self._evidence[0] == number:
                 self._evidence = None  # a failed round verifies no one
         if job["unsent"] is not None:
@@ -767,6 +782,7 @@ class HivemindAverager(Averager):
             key=job["key"],
             members=members,
             rejected=dict(sorted(rejected.items())),
+            skipped=skipped,
         )
 
     @staticmethod
@@ -1406,13 +1422,16 @@ class HivemindAverager(Averager):
             log.info("resync: state from a peer was stale (%s); trying again next boundary", str(meta)[:200])
 
     def _swarm_is_past(self, number: int, gossip: list[int] | None = None) -> bool:
-        """Whether no one is left to meet in round ``number``: every other peer we know of (of the gossip group's
-        ranks, if given) has finished it or left. (No record at all proves nothing, e.g. a DHT hiccup: then we keep
-        trying until the deadline.)"""
+        """Whether no one is left to meet in round ``number``: every other peer we know of (in a gossip round, of
+        the group's ranks) has finished it or left. A groupmate with no record at all while others have one is gone
+        too (a SIGKILLed peer's record expires; until then its partners wait out their deadline, which is what keeps
+        a gossiping swarm in step: a peer merely behind is waited for, never given up on). No record at all proves
+        nothing, e.g. a DHT hiccup: then we keep trying until the deadline."""
         me = self.dht.peer_id.to_bytes().hex()
-        records = [r for k, r in self.progress().items() if k != me and (gossip is None or r.get("rank") in gossip)]
+        records = [r for k, r in self.progress().items() if k != me]
+        mates = records if gossip is None else [r for r in records if r.get("rank") in gossip]
         return bool(records) and all(r.get("left") or _is_int(r.get("finished")) and r["finished"] >= number
-                                     for r in records)  # fmt: skip
+                                     for r in mates)  # fmt: skip
 
     def _others(self) -> list[dict]:
         """Progress records of the other live peers (peers that finished or left say so on the way out)."""

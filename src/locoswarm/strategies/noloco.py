@@ -31,7 +31,8 @@ mean L2 distance of the replicas to their average, logged where every replica is
 The partition is drawn over the swarm's ranks (``workers``), so on a real swarm, where a process hosts one worker,
 every peer draws the same groups and starts only its own group's round (``Averager.start(group=...)``: hivemind
 then meets only that group's peers). A gossip round that fails there (the partner is gone) is a round without
-members: a zero update, as above.
+members: a zero update, as above; a peer the swarm has left behind skips the phases it missed (``Round.skipped``)
+with its own replica, so it draws the swarm's groups again.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class NoLoCo(ReplicaStrategy):
         for members, handle in flights:
             result = handle.wait()
             rounds.append(result)
+            self.phases += result.skipped  # a real peer left behind by the swarm skips to its phase
             if not result.members or set(result.members) <= set(result.rejected):
                 continue  # the whole round was rejected (a non-finite sum): a zero update, as diloco's, not a zero mean
             mean_pseudo, mean_anchor = result.tensors[:n], result.tensors[n:]
