@@ -41,6 +41,29 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1 << 20  # stream messages stay far below the daemon's 4 MiB message limit
 
 
+async def close_replica(p2p: P2P, handlers: Sequence[tuple[str, dict]]) -> None:
+    """Remove our protobuf handlers (name, its stream flags), close a replica of the DHT's P2P client (our connections
+    to the daemon, never the daemon itself) and cancel whatever still runs in this loop."""
+    for name, flags in handlers:
+        with contextlib.suppress(Exception):
+            await p2p.remove_protobuf_handler(name, **flags)
+    await p2p.shutdown()
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread, shutdown) -> None:
+    """Run the coroutine ``shutdown`` in ``loop`` (at most 10 s), then stop the loop and join its thread."""
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(shutdown, loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=5)
+    if not thread.is_alive():
+        loop.close()
+
+
 class GatherFailed(Exception):
     """Some groupmate's payload did not arrive (or ours could not be delivered) before the deadline."""
 
@@ -235,23 +258,10 @@ class PayloadMailbox:
             raise GatherFailed(f"{stage}: sending our payload failed: {type(e).__name__}: {e}") from e
         return got
 
-    async def _shutdown(self) -> None:
-        await self._p2p.remove_protobuf_handler(self.name, stream_input=True)
-        await self._p2p.remove_protobuf_handler(f"{self.name}_evidence", stream_output=True)
-        await self._p2p.shutdown()  # a replica: closes our connections to the daemon, never the daemon itself
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     def close(self) -> None:
         if not self._loop.is_running():
             return
-        with contextlib.suppress(Exception):
-            self._run(self._shutdown(), timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self._loop.close()
+        handlers = [(self.name, {"stream_input": True}), (f"{self.name}_evidence", {"stream_output": True})]
+        stop_loop(self._loop, self._thread, close_replica(self._p2p, handlers))
         with self._cond:
             self._inbox.clear()

@@ -47,6 +47,7 @@ from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 
 from locoswarm.comm.exchange import LocalCodecs
+from locoswarm.comm.hivemind_gather import close_replica, stop_loop
 from locoswarm.config import CompressionConfig
 
 log = logging.getLogger(__name__)
@@ -468,17 +469,6 @@ class SharedModel:
                                                       averaging_pb2.AveragingData)  # fmt: skip
         return reply.code == averaging_pb2.ACCEPTED
 
-    async def _shutdown(self) -> None:
-        for name, kw in (("push", {"stream_input": True}), ("pull", {"stream_output": True}),
-                         ("handoff", {"stream_input": True})):  # fmt: skip
-            with contextlib.suppress(Exception):
-                await self._p2p.remove_protobuf_handler(f"{self.name}_{name}", **kw)
-        await self._p2p.shutdown()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     def close(self) -> None:
         if not self._loop.is_running():
             return
@@ -487,9 +477,6 @@ class SharedModel:
             self._hand_off()
         with contextlib.suppress(Exception):
             self._claim()  # withdrawn
-        with contextlib.suppress(Exception):
-            self._run(self._shutdown(), timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=5)
-        if not self._thread.is_alive():
-            self._loop.close()
+        handlers = [(f"{self.name}_push", {"stream_input": True}), (f"{self.name}_pull", {"stream_output": True}),
+                    (f"{self.name}_handoff", {"stream_input": True})]  # fmt: skip
+        stop_loop(self._loop, self._thread, close_replica(self._p2p, handlers))
