@@ -71,6 +71,18 @@ class _Flight:
         return cls(**{**s, "comm": Round(**s["comm"])})
 
 
+def async_outer(
+    anchor: Sequence[torch.Tensor], outer: OuterOptimizerConfig, momentum_delay: int
+) -> OuterOptimizer | DelayedNesterov:
+    """The global model's outer optimiser, on sim and on a real swarm's holder alike: delayed Nesterov for
+    ``outer_optimizer=nesterov`` (N = 1: Nesterov on every update), else the configured one."""
+    if OuterOptimizerName(outer.name) == OuterOptimizerName.nesterov:
+        return DelayedNesterov(anchor, outer, momentum_delay)
+    if momentum_delay != 1:
+        raise ValueError(f"algorithm.momentum_delay={momentum_delay} needs outer_optimizer=nesterov")
+    return OuterOptimizer(anchor, outer)
+
+
 class AsyncDiLoCo(Strategy):
     def __init__(
         self,
@@ -90,12 +102,7 @@ class AsyncDiLoCo(Strategy):
         super().__init__(group, averager, planner, timeline, inner_steps)
         self.inner_steps, self.warmup_sync_steps, self.dynamic_steps = inner_steps, warmup_sync_steps, dynamic_steps
         self.anchor = list(anchor)  # the global model φ
-        if OuterOptimizerName(outer.name) == OuterOptimizerName.nesterov:
-            self.outer: OuterOptimizer | DelayedNesterov = DelayedNesterov(self.anchor, outer, momentum_delay)
-        elif momentum_delay != 1:
-            raise ValueError(f"algorithm.momentum_delay={momentum_delay} needs outer_optimizer=nesterov")
-        else:
-            self.outer = OuterOptimizer(self.anchor, outer)
+        self.outer = async_outer(self.anchor, outer, momentum_delay)
         self.version = 0  # updates applied to φ so far
         # what each worker pulled: (L, *shape); its pseudo-gradient is pulled − params at the end of its phase
         self.pulled = [a.detach().unsqueeze(0).repeat(group.size, *([1] * a.dim())) for a in anchor]

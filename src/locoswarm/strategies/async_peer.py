@@ -28,9 +28,10 @@ import torch
 
 from locoswarm.comm.base import Averager, Round
 from locoswarm.comm.shared_model import HolderGone, Refused, SharedModel
-from locoswarm.config import OuterOptimizerConfig, OuterOptimizerName
+from locoswarm.config import OuterOptimizerConfig
 from locoswarm.faults import PhasePlanner
 from locoswarm.outer import DelayedNesterov, OuterOptimizer
+from locoswarm.strategies.async_diloco import async_outer
 from locoswarm.strategies.base import RoundReport, Strategy, tensor_norm
 from locoswarm.timeline import Timeline
 from locoswarm.worker import WorkerGroup
@@ -69,9 +70,7 @@ class AsyncDiLoCoPeer(Strategy):
         self.shared: SharedModel | None = None  # joined at the first round after the warm-up
 
     def _new_outer(self) -> OuterOptimizer | DelayedNesterov:
-        if OuterOptimizerName(self.outer_cfg.name) == OuterOptimizerName.nesterov:
-            return DelayedNesterov(self.anchor, self.outer_cfg, self.momentum_delay)
-        return OuterOptimizer(self.anchor, self.outer_cfg)
+        return async_outer(self.anchor, self.outer_cfg, self.momentum_delay)
 
     # ------------------------------------------------------------------ the holder's rule (comm/shared_model.py)
     def _share(self, tokens: float) -> float:
