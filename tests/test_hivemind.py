@@ -608,3 +608,88 @@ def test_async_survives_its_holder_killed_and_a_rejoin(tmp_path, swarms):
         assert s["status"] == "ok" and s["steps"] == 900 and math.isfinite(s["final_val_loss"]), s
     since = max(version for _, version in took)
     assert any(v > since for v in applied(tmp_path / "joiner")), applied(tmp_path / "joiner")  # its updates landed
+
+
+# ------------------------------------------------------------------ (h) a pipeline of stage peers (pipeline/peer.py)
+PIPE = [
+    *(o for o in TINY if o not in ("algorithm=diloco", "train.log_interval=3")), "pipeline.stages=2",
+    "pipeline.microbatches=2", "train.grad_clip=0", "train.log_interval=1",
+]  # fmt: skip
+
+
+def stage_params(run_dir: Path, stage: int, worker: int = 0) -> dict[str, torch.Tensor]:
+    """A 2-layer model cut in 2: stage 0 holds the embeddings and block 0, stage 1 block 1, ln_f and the head."""
+    ckpt = load_checkpoint(run_dir)
+    assert ckpt is not None, f"no checkpoint in {run_dir}"
+    first = ("tok_emb.", "pos_emb.", "blocks.0.")
+    return {k: v for k, v in ckpt["group"]["workers"][worker]["model"].items() if k.startswith(first) == (stage == 0)}
+
+
+def stage_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys() and a
+    return max_rel_diff(list(a.values()), list(b.values()))
+
+
+@pytest.mark.parametrize("algorithm", [["algorithm=ddp"], ["algorithm=diloco", "algorithm.inner_steps=3"]],
+                         ids=["swarm", "diloco-swarm"])  # fmt: skip
+def test_pipeline_stage_peers_match_sim(tmp_path, swarms, algorithm):
+    """`locoswarm-swarm --peers 4 pipeline.stages=2`: 2 stages x 2 peers over hivemind's P2P, fixed routing, 2
+    micro-batches per batch. Every stage peer ends with the sim pipeline's parameters for its stage (which equal the
+    unsplit model's: tests/test_pipeline.py), and the pipelined validation loss equals the sim's."""
+    from locoswarm.cli.swarm import compose_config
+    from locoswarm.trainer import train
+
+    overrides = [*PIPE, *algorithm, "seed=4", "train.max_steps=6"]
+    swarm = swarms(["--peers", "4", "--out", str(tmp_path / "swarm"), *overrides])
+    assert swarm.wait() == 0, "".join(swarm.lines[-60:])
+    sim = train(compose_config([*overrides, "backend=sim", "workers=2"]), tmp_path / "sim")
+    assert sim["status"] == "ok"
+    worst = 0.0
+    for peer in range(4):
+        stage, index = divmod(peer, 2)
+        run = tmp_path / "swarm" / f"peer-{peer}"
+        s = summary(run)
+        assert s["status"] == "ok" and s["final_val_loss"] == pytest.approx(sim["final_val_loss"], rel=1e-5), s
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+        assert all(r["microbatches"] == 2 for r in rows if "microbatches" in r), rows  # fixed routing: its own 2
+        assert sum(r.get("activation_bytes", 0) for r in rows) > 0
+        worst = max(worst, stage_diff(stage_params(run, stage), stage_params(tmp_path / "sim", stage, index)))
+    print(f"pipeline on hivemind vs sim: max relative difference {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def test_pipeline_survives_a_stage_peer_killed_mid_step(tmp_path, swarms):
+    """SIGKILL one of 3 peers of stage 1 while it serves a step: its micro-batches are re-sent to the others and
+    training goes on. Every step counts every one of the 3 x 2 micro-batches exactly once at stage 1 (summed over
+    the stage's peers' rows, the dead one's included up to its death), no driver lost one, and the survivors
+    of each stage end in sync."""
+    overrides = [*PIPE, "algorithm=ddp", "seed=6", "train.max_steps=16", "train.eval_interval=100"]
+    swarm = swarms(["--peers", "6", "--out", str(tmp_path / "swarm"), *overrides])
+    victim = tmp_path / "swarm" / "peer-4"  # stage 1, index 1: driver 1's peer under fixed routing
+    end = time.monotonic() + RUN_LIMIT
+    while time.monotonic() < end:  # kill it right after it logs a step: it is then serving the next one
+        metrics = victim / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.02)
+    os.killpg(swarm.peer_pid("4"), signal.SIGKILL)
+    assert swarm.wait(2 * RUN_LIMIT) == 1  # one peer did not finish ok
+    peers = {p: tmp_path / "swarm" / f"peer-{p}" for p in range(6)}
+    for p, run in peers.items():
+        if p != 4:
+            s = summary(run)
+            assert s["status"] == "ok" and s["outer_steps"] == 16, (p, s)
+    rows = {
+        p: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x] for p, run in peers.items()
+    }
+    per_step: dict[int, float] = {}
+    for p in (3, 4, 5):
+        for r in rows[p]:
+            per_step[r["step"]] = per_step.get(r["step"], 0) + r["microbatches"]
+    assert per_step == {t: 6 for t in range(1, 17)}, per_step
+    failures = sum(r["stage_failures"] for p in (0, 1, 2) for r in rows[p])
+    assert failures >= 1 and all(r["lost_microbatches"] == 0 for p in (0, 1, 2) for r in rows[p])
+    for stage, group in ((0, (0, 1, 2)), (1, (3, 5))):
+        ref = stage_params(peers[group[0]], stage)
+        assert all(stage_diff(stage_params(peers[p], stage), ref) <= 1e-5 for p in group[1:])
+    print(f"failed calls retried: {failures}; rows of the killed peer: {len(rows[4])}")

@@ -10,7 +10,6 @@ did not train: its status is ``failed``.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -19,15 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from locoswarm.build import Run
 from locoswarm.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from locoswarm.comm.base import Averager
 from locoswarm.config import BackendName, Config, config_hash, to_dict
-from locoswarm.model import GPT
 from locoswarm.progress import Progress
 from locoswarm.runlog import RunLog, atomic_write_text, git_sha
 from locoswarm.strategies import RoundReport, Strategy
@@ -39,27 +35,6 @@ REQUIRED_SUMMARY_KEYS = (
     "final_val_loss", "tokens", "outer_steps", "bytes_sent_total", "wall_seconds", "sim_seconds",
     "compute_utilisation", "git_sha", "config_hash", "status",
 )  # fmt: skip
-
-
-@torch.no_grad()
-def evaluate(model: GPT, params: Sequence[torch.Tensor], val: np.ndarray, batch_size: int, batches: int) -> float:
-    """Mean loss over fixed, evenly spaced validation windows (deterministic: no sampling)."""
-    for p, src in zip(model.parameters(), params, strict=True):
-        p.copy_(src)
-    model.eval()
-    t = model.shape.seq_len
-    device = next(model.parameters()).device
-    n_windows = batch_size * batches
-    starts = np.linspace(0, len(val) - t - 1, num=n_windows).astype(np.int64)
-    total = 0.0
-    for b in range(batches):
-        idx = starts[b * batch_size : (b + 1) * batch_size]
-        x = torch.from_numpy(np.stack([val[s : s + t] for s in idx]).astype(np.int64)).to(device)
-        y = torch.from_numpy(np.stack([val[s + 1 : s + 1 + t] for s in idx]).astype(np.int64)).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            _, loss = model(x, y)
-        total += loss.item()
-    return total / batches
 
 
 def mean_active(losses: Sequence[float]) -> float:
@@ -174,7 +149,6 @@ class Bookkeeper:
         """Resume from the checkpoint (resume=true), share the run state with a real swarm, open the log."""
         self.run = run
         cfg, group, strategy, averager = self.cfg, run.group, run.strategy, run.averager
-        self.eval_model = copy.deepcopy(run.model).to(run.device)
         resume_step = self._resume() if cfg.resume else None
         if averager.shares_run_state:
             # A peer joining a running swarm starts from a live peer's state; every peer serves its own at round
@@ -265,8 +239,9 @@ class Bookkeeper:
         if not stats:
             return
         c = self.counters
-        for key in ("activation_bytes", "stage_failures"):
-            c.since_row[key] = c.since_row.get(key, 0.0) + stats[key]
+        for key in ("activation_bytes", "stage_failures", "microbatches", "lost_microbatches"):
+            if key in stats:  # the last two: a real swarm's stage peer (pipeline/peer.py)
+                c.since_row[key] = c.since_row.get(key, 0.0) + stats[key]
         c.activation_bytes += stats["activation_bytes"]
         c.stage_failures += stats["stage_failures"]
         c.stage_moves += stats["stage_moves"]
@@ -280,9 +255,7 @@ class Bookkeeper:
 
     def _evaluate(self) -> float:
         assert self.run is not None
-        cfg = self.cfg
-        val_loss = evaluate(self.eval_model, self.run.strategy.global_params(), self.run.data.val,
-                            cfg.train.batch_size, cfg.train.eval_batches)  # fmt: skip
+        val_loss = self.run.evaluate(self.run.strategy.global_params())
         self.counters.val_loss = val_loss
         return val_loss
 

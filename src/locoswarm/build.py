@@ -19,11 +19,13 @@ from locoswarm.comm.staged import StagedAverager
 from locoswarm.compression import codec_factory, make_codec
 from locoswarm.config import AlgorithmName, BackendName, CompressionConfig, Config, Execution
 from locoswarm.data import BatchSampler, TokenData, build_token_data
+from locoswarm.evaluation import evaluate
 from locoswarm.faults import PhasePlanner
 from locoswarm.model import GPT, GPTShape
 from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
 from locoswarm.pipeline import PipelineGroup, PipelineNetwork, Router, split_stages
+from locoswarm.pipeline.peer import StagePeerGroup
 from locoswarm.seeding import derive_seed
 from locoswarm.strategies import (
     DDP,
@@ -74,6 +76,7 @@ class Run:
     averager: Averager
     network: NetworkModel
     strategy: Strategy
+    evaluate: Callable[[Sequence[torch.Tensor]], float]  # the validation loss of the params a strategy evaluates
 
 
 def build_group(
@@ -181,6 +184,28 @@ def build_pipeline(
     return group, network, averager
 
 
+def build_stage_peer(
+    cfg: Config, data: TokenData, base: GPT, device: torch.device, averager: Averager
+) -> StagePeerGroup:
+    """pipeline.stages > 1 on a real swarm: this process serves one stage (the averager's ``join_stage``) as the peer
+    with its rank in that stage; stage 0 drives worker ``rank``'s data through the others (pipeline/peer.py)."""
+    p = cfg.pipeline
+    stage, rank = getattr(averager, "stage", None), averager.rank
+    if stage is None or rank is None:
+        raise ValueError("pipeline.stages > 1 on a real swarm: start the peers with locoswarm-swarm, which assigns "
+                         "each its stage")  # fmt: skip
+    specs = split_stages(base, p.stages)
+    codec = make_codec(CompressionConfig(name=p.activation_codec, block_size=cfg.compression.block_size))
+    limit = cfg.train.batch_size * base.shape.seq_len * max(base.shape.d_model, 1)  # elements of the largest tensor
+    link = averager.stage_link(codec, limit)
+    router = Router(p.routing, p.stages * cfg.workers, derive_seed(cfg.seed, "routing"))
+    launched = cfg.workers if getattr(averager, "expected_peers", None) else 0
+    log.info("pipeline: stage %d of %d, peer %d of %d; blocks %s", stage, p.stages, rank, cfg.workers,
+             specs[stage].blocks)  # fmt: skip
+    return StagePeerGroup(build_worker(cfg, data, base, rank, device), specs, stage, cfg.workers, link, router,
+                          p.microbatches, launched=launched)  # fmt: skip
+
+
 def build_run(cfg: Config, ranks: Sequence[int] | None = None, averager: Averager | None = None) -> Run:
     """ranks: the workers this process hosts (default all K: the ``sim`` backend); averager: a real backend's
     (its launcher builds it), else the config's."""
@@ -194,7 +219,22 @@ def build_run(cfg: Config, ranks: Sequence[int] | None = None, averager: Average
     # One init for everyone: every worker (and every peer on a network) starts from the same weights.
     torch.manual_seed(derive_seed(cfg.seed, "model"))
     base = GPT(shape)
-    if pipelined:
+    names = [n for n, _ in base.named_parameters()]
+    eval_model = copy.deepcopy(base).to(device)
+    t = cfg.train
+
+    def evaluate_model(params: Sequence[torch.Tensor]) -> float:
+        return evaluate(eval_model, params, data.val, t.batch_size, t.eval_batches)
+
+    evaluator = evaluate_model
+    if pipelined and averager is not None:  # a real swarm's stage peer: its stage, the pipeline evaluated through it
+        group = build_stage_peer(cfg, data, base, device, averager)
+        network = NetworkModel(cfg.network, cfg.workers, seed=cfg.seed)
+        names = [names[i] for i in group.spec.params]
+
+        def evaluator(params: Sequence[torch.Tensor]) -> float:
+            return group.evaluate(data.val, t.batch_size, t.eval_batches)
+    elif pipelined:
         group, network, averager = build_pipeline(cfg, data, base, device)
     else:
         group = build_group(cfg, data, base, ranks, device)
@@ -202,7 +242,6 @@ def build_run(cfg: Config, ranks: Sequence[int] | None = None, averager: Average
         averager = averager or build_averager(cfg, network)
     if cfg.faults.byzantine > 0:  # simulated attackers: what the last n ranks send is replaced
         averager = AttackedAverager(averager, Adversary(cfg.faults, cfg.workers, cfg.seed))
-    names = [n for n, _ in base.named_parameters()]
     verifier = build_verifier(cfg, averager, lambda r: build_worker(cfg, data, base, r, device))
     strategy = build_strategy(cfg, group, averager, network, names, verifier)
-    return Run(cfg, data, base, device, group, averager, network, strategy)
+    return Run(cfg, data, base, device, group, averager, network, strategy, evaluator)

@@ -822,8 +822,16 @@ def _validate_pipeline(cfg: Config, need) -> None:
     need(p.rebalance_every == 0 or _enum_value(cfg.algorithm.name) != "streaming_diloco", "pipeline.rebalance_every",
          p.rebalance_every, "peers move between rounds, and streaming's fragments never all sync at once: use ddp or "
          "diloco")  # fmt: skip
-    need(_enum_value(cfg.backend.name) == "sim", "pipeline.stages", p.stages,
-         "a pipeline runs on backend=sim so far (the hivemind stage servers have not landed: issue 13)")  # fmt: skip
+    backend = _enum_value(cfg.backend.name)
+    need(backend in ("sim", "hivemind"), "pipeline.stages", p.stages,
+         "a pipeline runs on backend=sim or backend=hivemind (stage peers over hivemind's P2P)")  # fmt: skip
+    if backend == "hivemind":  # a real swarm's stage peers (pipeline/peer.py): what they do so far
+        need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco"), "algorithm", _enum_value(cfg.algorithm.name),
+             "a pipeline on backend=hivemind syncs its stages with ddp or diloco (streaming_diloco: sim only)")  # fmt: skip
+        need(p.rebalance_every == 0, "pipeline.rebalance_every", p.rebalance_every,
+             "peers do not move between stages on backend=hivemind yet: a joiner picks the slowest stage")  # fmt: skip
+        need(p.failure_prob == 0, "pipeline.failure_prob", p.failure_prob,
+             "a simulated fault: on backend=hivemind stage peers fail for real (kill one)")  # fmt: skip
     need(_enum_value(cfg.algorithm.name) in ("ddp", "diloco", "streaming_diloco") and not cfg.algorithm.eager,
          "algorithm", _enum_value(cfg.algorithm.name),
          "a pipeline's stages sync with ddp, diloco or streaming_diloco (not eager)")  # fmt: skip

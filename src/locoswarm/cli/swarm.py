@@ -65,6 +65,7 @@ def run_peer(argv: list[str]) -> int:
     p.add_argument("--index", default="join")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--stage", type=int, default=None)
     p.add_argument("--initial-peer", action="append", default=[])
     p.add_argument("--expect", type=int, default=None, help="peers launched together (they start together)")
     p.add_argument("--identity", type=Path, default=None, help="identity file (made if missing)")
@@ -82,7 +83,10 @@ def run_peer(argv: list[str]) -> int:
         level=logging.INFO,
         format=f"[peer-{args.index}] %(asctime)s %(name)s %(levelname)s: %(message)s",
     )
+    for name in filter(None, os.environ.get("LOCOSWARM_DEBUG", "").split(",")):  # e.g. locoswarm.pipeline
+        logging.getLogger(name).setLevel(logging.DEBUG)
     from locoswarm.comm.hivemind import HivemindAverager
+    from locoswarm.pipeline.remote import pick_stage
     from locoswarm.runlog import atomic_write_text
     from locoswarm.trainer import train
 
@@ -120,6 +124,14 @@ def run_peer(argv: list[str]) -> int:
         )
         atomic_write_text(run_dir / MADDR_FILE, "\n".join(averager.maddrs) + "\n")
         print(f"locoswarm-swarm: peer-{args.index} DHT address: {averager.maddrs[0]}", flush=True)
+        if cfg.pipeline.stages > 1:  # a stage peer: it averages and counts its rank within its stage
+            stages = cfg.pipeline.stages
+            stage = args.stage if args.stage is not None else pick_stage(averager.stage_directory(), stages)
+            if not 0 <= stage < stages:
+                print(f"locoswarm-swarm: error: --stage {stage} is outside pipeline.stages={stages}", file=terminal)
+                return 2
+            averager.join_stage(stage)
+            log.info("serving pipeline stage %d of %d", stage, stages)
         if averager.rank is None:
             averager.rank = averager.pick_rank()
             log.info("joining as worker rank %d", averager.rank)
@@ -159,6 +171,7 @@ class Supervisor:
         rank: int | None,
         expect: int | None,
         identity: Path | None = None,
+        stage: int | None = None,
     ) -> None:
         cmd = [sys.executable, "-m", "locoswarm.cli.swarm", "peer", "--index", name.removeprefix("peer-")]
         cmd += ["--out", str(run_dir)]
@@ -168,6 +181,8 @@ class Supervisor:
             cmd += ["--initial-peer", m]
         if rank is not None:
             cmd += ["--rank", str(rank)]
+        if stage is not None:
+            cmd += ["--stage", str(stage)]
         cmd += ["--identity", str(identity if identity is not None else run_dir / "identity.key")]
         cmd += ["--", *overrides]
         # Own session: a terminal's Ctrl+C reaches only us, and we can kill everything a peer started by group.
@@ -261,6 +276,18 @@ def _with_defaults(overrides: list[str], peers: int | None) -> list[str]:
     return extra + overrides
 
 
+def _stages(overrides: list[str]) -> int:
+    """pipeline.stages as the overrides set it (1: no pipeline)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+~") == "pipeline.stages":
+            try:
+                return max(1, int(value))
+            except ValueError:
+                return 1  # the config's own validation names the bad value
+    return 1
+
+
 def keygen(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="locoswarm-swarm keygen", description="Write new peer identities.")
     p.add_argument("files", nargs="+", type=Path, help="where to write each identity (never overwritten)")
@@ -295,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", type=Path, default=None, help="this peer's run dir (default runs/join-<time>)")
         p.add_argument("--rank", type=int, default=None, help="worker rank (data shard); default: a free one")
         p.add_argument("--identity", type=Path, default=None, help="identity file (default <out>/identity.key)")
+        p.add_argument("--stage", type=int, default=None,
+                       help="a pipeline's stage to serve; default: the one with the least throughput")  # fmt: skip
     else:
         p.add_argument("--peers", type=int, required=True, help="local peers to start")
         p.add_argument("--out", type=Path, required=True, help="peer i writes DIR/peer-<i>/")
@@ -306,13 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     if joining:
         overrides = _with_defaults(args.overrides, None)
         out = args.out or Path("runs") / time.strftime("join-%Y%m%d-%H%M%S")
-        sup.spawn("peer-join", out, overrides, [args.multiaddr], args.rank, None, args.identity)
+        sup.spawn("peer-join", out, overrides, [args.multiaddr], args.rank, None, args.identity, args.stage)
         return sup.wait()
     if args.peers < 1:
         p.error("--peers must be >= 1")
-    overrides = _with_defaults(args.overrides, args.peers)
+    stages = _stages(args.overrides)
+    if stages > 1 and args.peers % stages:
+        p.error(f"--peers {args.peers} must be a multiple of pipeline.stages={stages} (the same peers per stage)")
+    per_stage = args.peers // stages  # a pipeline's workers: peers per stage; peer i serves stage i // K
+    stage = (lambda i: i // per_stage) if stages > 1 else (lambda i: None)
+    overrides = _with_defaults(args.overrides, per_stage)
     args.out.mkdir(parents=True, exist_ok=True)
-    sup.spawn("peer-0", args.out / "peer-0", overrides, [], 0, args.peers)
+    sup.spawn("peer-0", args.out / "peer-0", overrides, [], 0, per_stage, stage=stage(0))
     maddrs = sup.wait_for_maddrs("peer-0")
     if not maddrs:
         print("locoswarm-swarm: peer-0 did not start its DHT; see its output above", file=sys.stderr)
@@ -320,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         sup.wait()
         return 1
     for i in range(1, args.peers):
-        sup.spawn(f"peer-{i}", args.out / f"peer-{i}", overrides, maddrs, i, args.peers)
+        sup.spawn(f"peer-{i}", args.out / f"peer-{i}", overrides, maddrs, i % per_stage, per_stage, stage=stage(i))
     return sup.wait()
 
 

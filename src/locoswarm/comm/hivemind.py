@@ -140,6 +140,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import hashlib
 import io
@@ -173,8 +174,9 @@ from locoswarm.comm.identity import AllowedPeersValidator, fresh_identity, read_
 from locoswarm.comm.identity import forget as forget_identity
 from locoswarm.comm.identity import load as load_identity
 from locoswarm.comm.shared_model import SharedModel, push_codec
-from locoswarm.compression import Payload
+from locoswarm.compression import Codec, Payload
 from locoswarm.config import AggregatorConfig, BackendConfig, CompressionConfig
+from locoswarm.pipeline.remote import Listing, StageLink, read_directory
 
 log = logging.getLogger(__name__)
 
@@ -461,6 +463,9 @@ class HivemindAverager(Averager):
         self._rollback_lock = threading.Lock()
         self._mailbox: PayloadMailbox | None = None
         self._shared: SharedModel | None = None
+        self._link: StageLink | None = None
+        self.stage: int | None = None  # a pipeline's stage peer: its stage (``join_stage``)
+        self.base_run_id = cfg.run_id
         self.clock = RoundClock(cfg)
         self.verify = verify
         self.excluded: dict[int, str] = {}  # rank -> why: failed a verification, dropped from every round (``exclude``)
@@ -1050,6 +1055,29 @@ class HivemindAverager(Averager):
             )  # fmt: skip
         return self._shared
 
+    def join_stage(self, stage: int) -> None:
+        """Serve pipeline stage ``stage`` (pipeline/peer.py): from now on this peer averages, shares its run state
+        and counts its rank among that stage's peers only (run id ``<run_id>_stage<s>``). Call before the first round."""
+        if self.round or self._averagers:
+            raise RuntimeError("join_stage after averaging began")
+        self.stage = stage
+        self.cfg = dataclasses.replace(self.cfg, run_id=f"{self.base_run_id}_stage{stage}")
+
+    def stage_directory(self) -> list[Listing]:
+        """The pipeline's live stage peers (pipeline/remote.py), e.g. to pick a joiner's stage."""
+        return [r for r in read_directory(self._dht_get, self.base_run_id).values() if r is not None]
+
+    def stage_link(self, codec: Codec, limit: int) -> StageLink:
+        """This stage peer's calls to and from the other stages (pipeline/remote.py); closed before the DHT."""
+        if self.stage is None or self.rank is None:
+            raise RuntimeError("stage_link needs join_stage and a rank first")
+        if self._link is None:
+            with self._dht_lock:  # it replicates the DHT's P2P client through the DHT's pipe
+                self._link = StageLink(self.dht, self.base_run_id, self.stage, self.rank, codec, limit,
+                                       store=lambda key, value, ttl: self._dht_store(key, value, ttl, wait=False),
+                                       get=self._dht_get)  # fmt: skip
+        return self._link
+
     def _mailbox_for(self) -> PayloadMailbox:
         if self._mailbox is None:
             with self._dht_lock:  # it replicates the DHT's P2P client through the DHT's pipe
@@ -1448,6 +1476,10 @@ class HivemindAverager(Averager):
             with contextlib.suppress(Exception):
                 self._shared.close()
             self._shared = None
+        if self._link is not None:  # drivers waiting on us get a refusal now, not a timeout
+            with contextlib.suppress(Exception):
+                self._link.close()
+            self._link = None
         with self._cond:
             self._cond.notify_all()
         with contextlib.suppress(Exception):  # tell stragglers we are gone, so they do not wait for us
