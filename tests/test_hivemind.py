@@ -8,6 +8,8 @@
 (f) noloco's gossip pairs: 4 peers end where the sim's 4 replicas do; a kill and a rejoin with the dead rank.
 (g) async_diloco's shared model: one peer is diloco on sim; 3 peers apply every update exactly once (any codec);
     its holder SIGKILLed, a survivor takes over and a replacement joins.
+(h) a pipeline of stage peers: 2 stages x 2 peers end with the sim pipeline's parameters; a stage peer SIGKILLed
+    mid-step has its micro-batches re-sent and every micro-batch counts once.
 """
 
 from __future__ import annotations
@@ -630,7 +632,7 @@ def stage_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max_rel_diff(list(a.values()), list(b.values()))
 
 
-@pytest.mark.parametrize("algorithm", [["algorithm=ddp"], ["algorithm=diloco", "algorithm.inner_steps=3"]],
+@pytest.mark.parametrize("algorithm", [["algorithm=ddp"], ["algorithm=diloco", "algorithm.inner_steps=2"]],
                          ids=["swarm", "diloco-swarm"])  # fmt: skip
 def test_pipeline_stage_peers_match_sim(tmp_path, swarms, algorithm):
     """`locoswarm-swarm --peers 4 pipeline.stages=2`: 2 stages x 2 peers over hivemind's P2P, fixed routing, 2
@@ -639,7 +641,7 @@ def test_pipeline_stage_peers_match_sim(tmp_path, swarms, algorithm):
     from locoswarm.cli.swarm import compose_config
     from locoswarm.trainer import train
 
-    overrides = [*PIPE, *algorithm, "seed=4", "train.max_steps=6"]
+    overrides = [*PIPE, *algorithm, "seed=4", "train.max_steps=4", "train.eval_interval=4"]
     swarm = swarms(["--peers", "4", "--out", str(tmp_path / "swarm"), *overrides])
     assert swarm.wait() == 0, "".join(swarm.lines[-60:])
     sim = train(compose_config([*overrides, "backend=sim", "workers=2"]), tmp_path / "sim")
@@ -651,7 +653,7 @@ def test_pipeline_stage_peers_match_sim(tmp_path, swarms, algorithm):
         s = summary(run)
         assert s["status"] == "ok" and s["final_val_loss"] == pytest.approx(sim["final_val_loss"], rel=1e-5), s
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
-        assert all(r["microbatches"] == 2 for r in rows if "microbatches" in r), rows  # fixed routing: its own 2
+        assert sum(r.get("microbatches", 0) for r in rows) == 2 * 4, rows  # fixed routing: its own 2 a step
         assert sum(r.get("activation_bytes", 0) for r in rows) > 0
         worst = max(worst, stage_diff(stage_params(run, stage), stage_params(tmp_path / "sim", stage, index)))
     print(f"pipeline on hivemind vs sim: max relative difference {worst:.2e}")
@@ -663,13 +665,13 @@ def test_pipeline_survives_a_stage_peer_killed_mid_step(tmp_path, swarms):
     training goes on. Every step counts every one of the 3 x 2 micro-batches exactly once at stage 1 (summed over
     the stage's peers' rows, the dead one's included up to its death), no driver lost one, and the survivors
     of each stage end in sync."""
-    overrides = [*PIPE, "algorithm=ddp", "seed=6", "train.max_steps=16", "train.eval_interval=100"]
+    overrides = [*PIPE, "algorithm=ddp", "seed=6", "train.max_steps=10", "train.eval_interval=100"]
     swarm = swarms(["--peers", "6", "--out", str(tmp_path / "swarm"), *overrides])
     victim = tmp_path / "swarm" / "peer-4"  # stage 1, index 1: driver 1's peer under fixed routing
     end = time.monotonic() + RUN_LIMIT
     while time.monotonic() < end:  # kill it right after it logs a step: it is then serving the next one
         metrics = victim / "metrics.jsonl"
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 4:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.02)
     os.killpg(swarm.peer_pid("4"), signal.SIGKILL)
@@ -678,7 +680,7 @@ def test_pipeline_survives_a_stage_peer_killed_mid_step(tmp_path, swarms):
     for p, run in peers.items():
         if p != 4:
             s = summary(run)
-            assert s["status"] == "ok" and s["outer_steps"] == 16, (p, s)
+            assert s["status"] == "ok" and s["outer_steps"] == 10, (p, s)
     rows = {
         p: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x] for p, run in peers.items()
     }
@@ -686,7 +688,7 @@ def test_pipeline_survives_a_stage_peer_killed_mid_step(tmp_path, swarms):
     for p in (3, 4, 5):
         for r in rows[p]:
             per_step[r["step"]] = per_step.get(r["step"], 0) + r["microbatches"]
-    assert per_step == {t: 6 for t in range(1, 17)}, per_step
+    assert per_step == {t: 6 for t in range(1, 11)}, per_step
     failures = sum(r["stage_failures"] for p in (0, 1, 2) for r in rows[p])
     assert failures >= 1 and all(r["lost_microbatches"] == 0 for p in (0, 1, 2) for r in rows[p])
     for stage, group in ((0, (0, 1, 2)), (1, (3, 5))):

@@ -318,8 +318,82 @@ def test_resume_matches_an_uninterrupted_pipeline(tmp_path):
         (dict(pipeline__stages=2, pipeline__rebalance_every=5), "pipeline.rebalance_every"),  # fixed routing
         (dict(pipeline__stages=2, pipeline__failure_prob=1.0), "pipeline.failure_prob"),
         (dict(pipeline__stages=2, model__dropout=0.1), "model.dropout"),
+        (dict(pipeline__stages=2, backend__name="torch"), "pipeline.stages"),
+        (dict(pipeline__stages=2, backend__name="hivemind", algorithm__name="streaming_diloco"), "algorithm"),
+        (
+            dict(
+                pipeline__stages=2,
+                backend__name="hivemind",
+                pipeline__routing="stochastic",
+                pipeline__rebalance_every=5,
+            ),
+            "pipeline.rebalance_every",
+        ),  # fmt: skip
+        (dict(pipeline__stages=2, backend__name="hivemind", pipeline__failure_prob=0.1), "pipeline.failure_prob"),
     ],
 )
 def test_bad_pipeline_settings_name_their_key(overrides, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         validate(tiny_config(**overrides))
+
+
+# ------------------------------------------------------------------ a real swarm's wire format and directory
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_stage_calls_carry_activations_and_token_ids(codec):
+    """What crosses between stage peers (pipeline/remote.py): activations through the activation codec, exactly as
+    the sim's boundary crossing decodes them; token ids as int64; the header describes the body exactly."""
+    from locoswarm.compression import make_codec
+    from locoswarm.config import CompressionConfig
+    from locoswarm.pipeline.remote import pack, unpack
+
+    c = make_codec(CompressionConfig(name=codec))
+    torch.manual_seed(0)
+    h, ids = torch.randn(2, 8, 16), torch.randint(0, 50, (2, 8))
+    entries, body, act_bytes = pack(c, [("act", h), ("ids", ids)])
+    out = unpack(c, entries, body, limit=10_000)
+    assert torch.equal(out[0], c.decode(c.encode(h)).reshape(h.shape)) and torch.equal(out[1], ids)
+    assert act_bytes == c.encode(h).nbytes == entries[0]["bytes"] and len(body) == act_bytes + ids.numel() * 8
+
+
+@pytest.mark.parametrize(
+    "mangle, why",
+    [
+        (lambda e, b: (e, b + b"x"), "bytes past"),
+        (lambda e, b: ([{**e[0], "shape": [2, 8, 15]}, e[1]], b), "expected 960"),
+        (lambda e, b: ([{**e[0], "kind": "pickle"}, e[1]], b), "kind"),
+        (lambda e, b: ([{**e[0], "shape": [-1]}, e[1]], b), "shape"),
+        (lambda e, b: ([e[0], {**e[1], "bytes": 7}], b), "token ids|fit"),
+        (lambda e, b: ("x", b), "short list"),
+    ],
+)
+def test_a_malformed_stage_call_is_refused(mangle, why):
+    from locoswarm.compression import make_codec
+    from locoswarm.config import CompressionConfig
+    from locoswarm.pipeline.remote import pack, unpack
+
+    c = make_codec(CompressionConfig(name="none"))
+    entries, body, _ = pack(c, [("act", torch.ones(2, 8, 16)), ("ids", torch.zeros(2, 8, dtype=torch.int64))])
+    with pytest.raises(ValueError, match=why):
+        unpack(c, *mangle(entries, body), limit=10_000)
+    nan = pack(c, [("act", torch.full((2, 3), float("nan")))])
+    with pytest.raises(ValueError, match="non-finite"):
+        unpack(c, nan[0], nan[1], limit=10_000)
+
+
+def test_a_joiner_picks_the_stage_with_the_least_throughput():
+    from locoswarm.pipeline.remote import Listing, pick_stage, read_directory
+
+    def peer(i, stage, rate):
+        return Listing(bytes([i]), stage, i, rate, 0)
+
+    # stage 1's two peers do 3 micro-batches/s between them, stage 0's one does 5
+    assert pick_stage([peer(0, 0, 5.0), peer(1, 1, 1.0), peer(2, 1, 2.0)], 2) == 1
+    assert pick_stage([peer(0, 0, 1.0), peer(1, 1, 4.0)], 2) == 0
+    # unmeasured peers count as their stage's mean; with nothing measured, the stage with fewer peers
+    assert pick_stage([peer(0, 0, 0.0), peer(1, 1, 0.0), peer(2, 1, 0.0)], 2) == 0
+    assert pick_stage([peer(0, 0, 0.0), peer(1, 0, 0.0), peer(2, 1, 0.0)], 3) == 2  # an empty stage first
+    records = {b"a": {"stage": 1, "index": 0, "rate": 2.5, "joined": 0}, b"b": {"left": True},
+               b"c": {"stage": -1, "index": 0, "rate": 1.0, "joined": 0}, b"d": {"stage": 0, "index": 0,
+               "rate": float("nan"), "joined": 0}, b"e": "junk"}  # fmt: skip
+    seen = read_directory(lambda key: records, "run")
+    assert seen == {b"a": Listing(b"a", 1, 0, 2.5, 0), b"b": None}

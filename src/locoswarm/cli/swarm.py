@@ -6,6 +6,10 @@
                                                           one more peer for a running swarm (any machine)
   locoswarm-swarm keygen FILE [FILE...]                   new peer identities; prints their peer ids, one a line
 
+A pipeline (``pipeline.stages=S``): N = S x K peers, K = ``workers`` per stage; peer i serves stage i // K as that
+stage's peer i % K (stage 0 drives worker i % K's data through the others; see pipeline/peer.py). ``join --stage S``
+serves stage S; without it a joiner serves the stage with the least throughput.
+
 Every peer has an identity (a libp2p key: its peer id, and the key that signs its DHT records): DIR/peer-<i>/
 identity.key for launched peers and <run dir>/identity.key for a joiner (``--identity`` elsewhere), made on first
 use and kept, so a restarted peer is the same peer. To admit only known peers, list their ids in a file and pass

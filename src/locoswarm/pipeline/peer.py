@@ -267,7 +267,7 @@ class StagePeerGroup(WorkerGroup):
             kind = "last" if s == self.stages - 1 else "backward"
             for _ in range(16):
                 missing = []
-                for peer, mbs in _by_peer(owner, s).items():
+                for peer, mbs in _by_peer(owner, s).values():
                     try:
                         reply, _, _ = self.link.call(peer, {"kind": "check", "step": step, "driver": self.index,
                                                             "owned": mbs})  # fmt: skip
@@ -283,7 +283,7 @@ class StagePeerGroup(WorkerGroup):
                     _, _, owner[(s, mb)] = self._call(s, step, mb, 1, {"kind": kind}, kept[(s, mb)])
             mine = _by_peer(owner, s)
             for peer in self._listings(s, fresh=True, suspected=True):  # every peer of the stage waits for our "done"
-                mbs = next((v for k, v in mine.items() if k.peer == peer.peer), [])
+                mbs = mine.get(peer.peer, (peer, []))[1]
                 try:
                     reply, _, _ = self.link.call(peer, {"kind": "done", "step": step, "driver": self.index,
                                                         "owned": mbs})  # fmt: skip
@@ -335,6 +335,14 @@ class StagePeerGroup(WorkerGroup):
             return r
         log.debug("at step %d: keeping %s for later", step, {k: v for k, v in r.header.items() if k != "tensors"})
         self._later.append(r)
+        driver = r.header.get("driver")
+        if _int(driver) and driver not in self._done:
+            # A driver calling about a later step (or, while we evaluate, about training) is past this one: a resync
+            # can move a driver's step on by more than one. Nothing it sent for this step was confirmed.
+            log.info("step %d: driver %d is past it (it called about step %s)", step, driver, r.header.get("step"))
+            if kinds == TRAIN_KINDS:
+                self._disown(driver, [])
+            self._done.add(driver)
         return None
 
     @staticmethod
@@ -463,9 +471,10 @@ class StagePeerGroup(WorkerGroup):
         self.link.close()
 
 
-def _by_peer(owner: dict[tuple[int, int], Listing], stage: int) -> dict[Listing, list[int]]:
-    out: dict[Listing, list[int]] = {}
+def _by_peer(owner: dict[tuple[int, int], Listing], stage: int) -> dict[bytes, tuple[Listing, list[int]]]:
+    """Stage ``stage``'s micro-batches by the peer (id) that owns them: {peer id: (its latest listing, mbs)}."""
+    out: dict[bytes, tuple[Listing, list[int]]] = {}
     for (s, m), peer in sorted(owner.items(), key=lambda kv: kv[0]):
         if s == stage:
-            out.setdefault(peer, []).append(m)
+            out[peer.peer] = (peer, [*out.get(peer.peer, (peer, []))[1], m])
     return out

@@ -50,9 +50,7 @@ CHUNK_BYTES = 1 << 20
 HEADER_LIMIT = 1 << 16
 DIRECTORY_TTL = 10.0  # a stage peer's record lives this long unless refreshed: how long a dead peer stays listed
 REFRESH_SECONDS = 2.0
-CALL_TIMEOUT = float(
-    __import__("os").environ.get("LOCOSWARM_CALL_TIMEOUT", 120)
-)  # a call waits in the peer's queue while it averages: generous, a dead peer fails at once
+CALL_TIMEOUT = 120.0  # a call waits in the peer's queue while it averages: generous, a dead peer fails at once
 NOT_YET = 1 << 40  # ``joined`` of a driver that has not started: no barrier waits for it yet
 KINDS = ("act", "ids")  # a body tensor: an activation or gradient (the activation codec), or token ids (int64)
 
@@ -261,6 +259,11 @@ class StageLink:
             PeerID(listing.peer), self._handler(listing.stage),
             _aiter(_messages(header, blob, averaging_pb2.ACCEPTED)), averaging_pb2.AveragingData,
         )  # fmt: skip
+        async with contextlib.aclosing(stream):  # stopping early closes our side now (and its writer task)
+            return await self._receive(stream)
+
+    @staticmethod
+    async def _receive(stream) -> tuple[dict, bytes]:
         reply, chunks, size, expected = None, [], 0, None
         async for msg in stream:
             if msg.code != averaging_pb2.ACCEPTED:
