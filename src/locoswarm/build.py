@@ -26,6 +26,7 @@ from locoswarm.netsim import NetworkModel
 from locoswarm.outer import OuterOptimizer
 from locoswarm.pipeline import PipelineGroup, PipelineNetwork, Router, split_stages
 from locoswarm.pipeline.peer import StagePeerGroup
+from locoswarm.pipeline.remote import NOT_YET
 from locoswarm.seeding import derive_seed
 from locoswarm.strategies import (
     DDP,
@@ -197,9 +198,10 @@ def build_stage_peer(
     specs = split_stages(base, p.stages)
     codec = make_codec(CompressionConfig(name=p.activation_codec, block_size=cfg.compression.block_size))
     limit = cfg.train.batch_size * base.shape.seq_len * max(base.shape.d_model, 1)  # elements of the largest tensor
-    link = averager.stage_link(codec, limit)
-    router = Router(p.routing, p.stages * cfg.workers, derive_seed(cfg.seed, "routing"))
     launched = cfg.workers if getattr(averager, "expected_peers", None) else 0
+    # a launched driver is owed from the first step on; a joiner announces its first step once it has the state
+    link = averager.stage_link(codec, limit, joined=0 if launched else NOT_YET)
+    router = Router(p.routing, p.stages * cfg.workers, derive_seed(cfg.seed, "routing"))
     log.info("pipeline: stage %d of %d, peer %d of %d; blocks %s", stage, p.stages, rank, cfg.workers,
              specs[stage].blocks)  # fmt: skip
     return StagePeerGroup(build_worker(cfg, data, base, rank, device), specs, stage, cfg.workers, link, router,

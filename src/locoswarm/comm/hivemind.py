@@ -1067,7 +1067,7 @@ class HivemindAverager(Averager):
         """The pipeline's live stage peers (pipeline/remote.py), e.g. to pick a joiner's stage."""
         return [r for r in read_directory(self._dht_get, self.base_run_id).values() if r is not None]
 
-    def stage_link(self, codec: Codec, limit: int) -> StageLink:
+    def stage_link(self, codec: Codec, limit: int, joined: int) -> StageLink:
         """This stage peer's calls to and from the other stages (pipeline/remote.py); closed before the DHT."""
         if self.stage is None or self.rank is None:
             raise RuntimeError("stage_link needs join_stage and a rank first")
@@ -1075,7 +1075,7 @@ class HivemindAverager(Averager):
             with self._dht_lock:  # it replicates the DHT's P2P client through the DHT's pipe
                 self._link = StageLink(self.dht, self.base_run_id, self.stage, self.rank, codec, limit,
                                        store=lambda key, value, ttl: self._dht_store(key, value, ttl, wait=False),
-                                       get=self._dht_get)  # fmt: skip
+                                       get=self._dht_get, joined=joined)  # fmt: skip
         return self._link
 
     def _mailbox_for(self) -> PayloadMailbox:

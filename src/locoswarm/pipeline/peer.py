@@ -194,7 +194,8 @@ class StagePeerGroup(WorkerGroup):
         want, self._expect = self._expect, 0
         end = time.monotonic() + PATIENCE / 2
         while time.monotonic() < end:
-            counts = [len(self._listings(s, fresh=True)) for s in range(self.stages)]
+            seen = self._listings(fresh=True)  # drivers count once they announce their first step
+            counts = [sum(r.stage == s and (s > 0 or r.joined < NOT_YET) for r in seen) for s in range(self.stages)]
             if min(counts) >= want:
                 return
             time.sleep(0.25)

@@ -145,12 +145,14 @@ class StageLink:
         limit: int,
         store: Callable[[str, Any, float], None],
         get: Callable[[str], dict],
+        joined: int = NOT_YET,
     ):
+        """joined: a driver's first step if it knows it now (a launched driver: 0); a joiner announces it later."""
         self.run_id, self.stage, self.index, self.codec, self.limit = run_id, stage, index, codec, limit
         self._store, self._get = store, get
         self.requests: queue.Queue[Request] = queue.Queue()
         self.rate = 0.0  # our measured micro-batches per second (set by the stage peer)
-        self.joined = NOT_YET  # a driver's first step, once it knows it (a joiner downloads the swarm's state first)
+        self.joined = joined  # a driver's first step, once it knows it (a joiner downloads the swarm's state first)
         self.bytes_received = 0  # activation and gradient bytes that reached us (requests and replies)
         self._suspects: dict[bytes, float] = {}
         self._stop = threading.Event()
