@@ -16,9 +16,14 @@ counts only once its driver confirms that this peer's answer is the one it used.
 asks each peer it used which of its micro-batches it holds ("check"), re-sends whatever a peer lost or a dead peer
 held to another peer, then tells every live peer of the stage which micro-batches are its ("done"). A peer takes out
 (recompute, negated gradient) what it answered but does not own: a duplicate or a late answer. A step is over at a
-peer when every live driver said done (the barrier; drivers that died drop out of the directory and what they sent
-is taken out); so every micro-batch counts exactly once per stage, including across a SIGKILLed peer (what that
-peer held is re-sent). One gap: a peer killed after a driver's "done" and before its stage's averaging round takes
+peer when every live driver said done, or called about a later step (a resync can move a driver on by more than one
+step); drivers that died drop out and what they sent is taken out. So every micro-batch counts exactly once per
+stage, including across a SIGKILLed peer (what that peer held is re-sent).
+
+Who is live: the directory (``remote.py``), read at most once a second. A DHT read can miss a live record for a
+moment, so a peer stays on the roster until its record says it left or it has been missing for ``ROSTER_GRACE``; a
+peer whose call failed is left out of routing for a while but still gets its "done". Peers launched together wait
+(bounded) until every stage lists all K, and a launched driver announces its first step (0) with its first record. One gap: a peer killed after a driver's "done" and before its stage's averaging round takes
 that step's micro-batches with it (the stage's round goes on without them; the driver logs nothing lost).
 
 A peer's gradient is the mean over its micro-batches, and its weight in the stage's average is the tokens it ran
