@@ -77,9 +77,10 @@ class StagePeerGroup(WorkerGroup):
         microbatches: int,
         launched: int = 0,
     ):
-        """launched: peers per stage launched together with us: our first step waits until all are listed. worker: this peer's replica (index = its rank within the stage; a driver's sampler is that worker's
+        """worker: this peer's replica (index = its rank within the stage; a driver's sampler is that worker's
         shard); specs: every stage; lanes: K, peers per stage; router: picks the peer of a later stage a
-        micro-batch goes through (global ids s * K + index)."""
+        micro-batch goes through (global ids s * K + index); launched: peers per stage launched together with us
+        (our first step waits until all are listed; 0: we joined)."""
         self.specs, self.stage, self.lanes, self.link, self.router = list(specs), stage, lanes, link, router
         self.stages, self.microbatches = len(self.specs), microbatches
         self.spec = self.specs[stage]
@@ -427,7 +428,7 @@ class StagePeerGroup(WorkerGroup):
             grad = x.grad
             self._records[key] = (r.header["kind"], [t.detach() for t in r.tensors])
             if self.last:
-                self._losses.append(float(out.detach()))
+                self._losses.append(float(out.detach()))  # (a micro-batch taken out later still counts here: a log)
         seconds = time.perf_counter() - t0
         rate = 1.0 / max(seconds, 1e-6)
         self.link.rate = rate if self.link.rate == 0 else RATE_SMOOTHING * rate + (1 - RATE_SMOOTHING) * self.link.rate
