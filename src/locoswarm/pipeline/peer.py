@@ -54,8 +54,8 @@ from locoswarm.worker import Worker, WorkerGroup, check_counts
 
 log = logging.getLogger(__name__)
 
-PATIENCE = 120.0
-ROSTER_GRACE = 20.0  # seconds a peer missing from the directory stays on our roster (a DHT read can miss a record)  # seconds a stage may have no live peer (or a peer no live driver) before the run gives up
+PATIENCE = 120.0  # seconds a stage may have no live peer (or a peer no live driver) before the run gives up
+ROSTER_GRACE = 20.0  # seconds a peer missing from the directory stays on our roster (a DHT read can miss a record)
 RATE_SMOOTHING = 0.5
 TRAIN_KINDS = ("forward", "last", "backward", "check", "done")
 EVAL_KINDS = ("eval", "eval_done")
@@ -234,12 +234,16 @@ class StagePeerGroup(WorkerGroup):
         self._confirm(step, kept, owner)
         return sum(losses) / len(losses)
 
-    def _call(self, s: int, step: int, mb: int, direction: int, header: dict, tensors) -> tuple:
-        """Call a live peer of stage ``s`` about micro-batch ``mb``, retrying on others: (reply, tensors, peer)."""
-        give_up, attempt = time.monotonic() + PATIENCE, 0
-        while time.monotonic() < give_up:
-            listing = self._route(s, step, mb, direction, attempt)
+    def _call(self, s: int, step: int, mb: int, direction: int, header: dict, tensors, avoid=frozenset(),
+              patience: float = PATIENCE) -> tuple:  # fmt: skip
+        """Call a live peer of stage ``s`` (not one in ``avoid``, by id) about micro-batch ``mb``, retrying on others
+        and waiting up to ``patience`` seconds for one to be routable: (reply, tensors, peer)."""
+        give_up, attempt = time.monotonic() + patience, 0
+        while True:
+            listing = self._route(s, step, mb, direction, attempt, avoid)
             if listing is None:
+                if time.monotonic() >= give_up:
+                    raise RuntimeError(f"stage {s} had no live peer that answered for {patience:.0f}s")
                 time.sleep(0.5)
                 continue
             try:
@@ -250,15 +254,14 @@ class StagePeerGroup(WorkerGroup):
                 attempt += 1
                 continue
             return reply, out, listing
-        raise RuntimeError(f"stage {s} had no live peer that answered for {PATIENCE:.0f}s")
 
     def _failed(self, listing: Listing, why: str) -> None:
         self.link.suspect(listing.peer, why)
         self.failures += 1
         self._since["stage_failures"] += 1
 
-    def _route(self, s: int, step: int, mb: int, direction: int, attempt: int) -> Listing | None:
-        peers = {r.index: r for r in self._listings(s) if r.index < self.lanes}
+    def _route(self, s: int, step: int, mb: int, direction: int, attempt: int, avoid=frozenset()) -> Listing | None:
+        peers = {r.index: r for r in self._listings(s) if r.index < self.lanes and r.peer not in avoid}
         if not peers:
             self._read_at = 0.0  # read the directory again before the next try
             return None
@@ -288,19 +291,34 @@ class StagePeerGroup(WorkerGroup):
                          len(missing), s)  # fmt: skip
                 for mb in missing:
                     _, _, owner[(s, mb)] = self._call(s, step, mb, 1, {"kind": kind}, kept[(s, mb)])
+            self._tell_done(step, s, kind, kept, owner)
+
+    def _tell_done(self, step: int, s: int, kind: str, kept: dict, owner: dict[tuple[int, int], Listing]) -> None:
+        """Tell every live peer of stage ``s`` which of our micro-batches are its. Owners first: what one of them no
+        longer holds (it died since the check) is re-sent to a peer not told yet, which then owns it; a peer told
+        "done" may already be averaging, so only what no untold peer can take is lost."""
+        told: set[bytes] = set()
+        peers = self._listings(s, fresh=True, suspected=True)  # every peer of the stage waits for our "done"
+        while len(told) < len(peers):
             mine = _by_peer(owner, s)
-            for peer in self._listings(s, fresh=True, suspected=True):  # every peer of the stage waits for our "done"
-                mbs = mine.get(peer.peer, (peer, []))[1]
-                try:
-                    reply, _, _ = self.link.call(peer, {"kind": "done", "step": step, "driver": self.index,
-                                                        "owned": mbs})  # fmt: skip
-                    lost = len(reply.get("missing", []))
-                except CallFailed as e:
-                    self._failed(peer, str(e))
-                    lost = len(mbs)
-                if lost:
-                    log.warning("step %d: %d micro-batch(es) of stage %d lost with peer %d", step, lost, s, peer.index)
-                    self._since["lost_microbatches"] += lost
+            peer = min((p for p in peers if p.peer not in told), key=lambda p: (p.peer not in mine, p.index))
+            mbs = mine.get(peer.peer, (peer, []))[1]
+            told.add(peer.peer)
+            try:
+                reply, _, _ = self.link.call(peer, {"kind": "done", "step": step, "driver": self.index, "owned": mbs})
+                missing = [m for m in reply.get("missing", []) if m in mbs]
+            except CallFailed as e:
+                self._failed(peer, str(e))
+                missing = mbs
+            for mb in missing:
+                try:  # only to a peer routable now: one that is not may never come back
+                    _, _, owner[(s, mb)] = self._call(s, step, mb, 1, {"kind": kind}, kept[(s, mb)], told, patience=0)
+                except RuntimeError:
+                    log.warning("step %d: micro-batch %d of stage %d lost with peer %d", step, mb, s, peer.index)
+                    self._since["lost_microbatches"] += 1
+                    continue
+                if owner[(s, mb)].peer not in {p.peer for p in peers}:  # it joined since our read: tell it too
+                    peers.append(owner[(s, mb)])
 
     # ------------------------------------------------------------------ a later stage
     def _serve(self, step: int) -> tuple[float, int]:
