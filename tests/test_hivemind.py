@@ -639,49 +639,90 @@ def stage_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize(
-    "stages, algorithm",
+    "stages, per_stage, algorithm",
     [
-        (2, ["algorithm=ddp"]),
-        (2, ["algorithm=diloco", "algorithm.inner_steps=2"]),
-        (3, ["algorithm=ddp"]),
-        (2, ["algorithm=ddp", "pipeline.routing=stochastic", "pipeline.activation_codec=fp16"]),
+        (2, 2, ["algorithm=ddp"]),
+        (2, 2, ["algorithm=diloco", "algorithm.inner_steps=2"]),
+        (3, 2, ["algorithm=ddp"]),
+        (2, 2, ["algorithm=ddp", "pipeline.routing=stochastic", "pipeline.activation_codec=fp16"]),
+        (2, 1, ["algorithm=diloco", "algorithm.inner_steps=2"]),
     ],
-    ids=["swarm", "diloco-swarm", "swarm-3-stages", "swarm-stochastic"],
+    ids=["swarm", "diloco-swarm", "swarm-3-stages", "swarm-stochastic", "one-peer-per-stage"],
 )
-def test_pipeline_stage_peers_match_sim(tmp_path, swarms, stages, algorithm):
-    """`locoswarm-swarm --peers 2S pipeline.stages=S`: S stages x 2 peers over hivemind's P2P, fixed routing, 2
+def test_pipeline_stage_peers_match_sim(tmp_path, swarms, stages, per_stage, algorithm):
+    """`locoswarm-swarm --peers SK pipeline.stages=S`: S stages x K peers over hivemind's P2P, fixed routing, 2
     micro-batches per batch (S=3: a middle stage's forward and backward calls). Every stage peer ends with the sim
     pipeline's parameters for its stage (which equal the unsplit model's: tests/test_pipeline.py), and the pipelined
     validation loss equals the sim's. Under ddp the stage average is the mean over every micro-batch whatever the
-    routing, so stochastic routing (with fp16 activations, as on sim) ends there too."""
+    routing, so stochastic routing (with fp16 activations, as on sim) ends there too. K=1: a stage's round is a group
+    of one (workers=1), which averages nothing and waits for no one."""
     from locoswarm.cli.swarm import compose_config
     from locoswarm.trainer import train
 
     base = [o for o in PIPE if not o.startswith(("pipeline.stages=", "model.n_layer="))]
     overrides = [*base, *algorithm, "seed=4", "train.max_steps=4", "train.eval_interval=4", f"pipeline.stages={stages}",
                  f"model.n_layer={stages}"]  # fmt: skip
-    swarm = swarms(["--peers", str(2 * stages), "--out", str(tmp_path / "swarm"), *overrides])
+    swarm = swarms(["--peers", str(per_stage * stages), "--out", str(tmp_path / "swarm"), *overrides])
     assert swarm.wait() == 0, "".join(swarm.lines[-60:])
-    sim = train(compose_config([*overrides, "backend=sim", "workers=2"]), tmp_path / "sim")
+    sim = train(compose_config([*overrides, "backend=sim", f"workers={per_stage}"]), tmp_path / "sim")
     assert sim["status"] == "ok"
-    worst, per_stage = 0.0, [0] * stages
-    for peer in range(2 * stages):
-        stage, index = divmod(peer, 2)
+    worst, per_stage_counted = 0.0, [0] * stages
+    for peer in range(per_stage * stages):
+        stage, index = divmod(peer, per_stage)
         run = tmp_path / "swarm" / f"peer-{peer}"
         s = summary(run)
         assert s["status"] == "ok" and s["final_val_loss"] == pytest.approx(sim["final_val_loss"], rel=1e-5), s
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         counted = sum(r.get("microbatches", 0) for r in rows)
-        per_stage[stage] += counted
+        per_stage_counted[stage] += counted
         assert counted == 2 * 4 or "pipeline.routing=stochastic" in algorithm, rows  # fixed: its own 2 a step
         assert sum(r.get("activation_bytes", 0) for r in rows) > 0
+        assert per_stage > 1 or all(r.get("group_size", 1) == 1 and r.get("bytes_sent", 0) == 0 for r in rows), rows
         ours, sims = stage_params(run, stage, stages=stages), stage_params(tmp_path / "sim", stage, index, stages)
         worst = max(worst, stage_diff(ours, sims))
-    print(f"pipeline on hivemind vs sim: max relative difference {worst:.2e}; micro-batches per stage {per_stage}")
-    assert per_stage == [2 * 2 * 4] * stages  # every micro-batch of every step, once per stage
+    print(f"pipeline on hivemind vs sim: max relative difference {worst:.2e}; micro-batches per stage "
+          f"{per_stage_counted}")  # fmt: skip
+    assert per_stage_counted == [per_stage * 2 * 4] * stages  # every micro-batch of every step, once per stage
     # Routed stochastically, a stage's mean is summed in another order than the sim's (weights by work vs rows scaled
     # by work): seen 2.1e-7 absolute, 1.5e-5 relative to a layer-norm bias of norm 0.015 after 4 steps.
     assert worst <= (1e-4 if "pipeline.routing=stochastic" in algorithm else 1e-5)
+
+
+def test_pipeline_replacement_joins_the_stage_it_is_told(tmp_path, swarms):
+    """SIGKILL stage 1's peer 1, then `locoswarm-swarm join ADDR --stage 1 --rank 1` takes its place: the joiner
+    downloads stage 1's state from the survivor, driver 1's micro-batches (fixed routing: index 1) go back to it, and
+    both stages end in sync. At stage 1 every step counts all 2 x 2 micro-batches once (summed over the survivor, the
+    victim and the joiner), the step the victim died in aside (see the kill test)."""
+    overrides = [*PIPE, "algorithm=ddp", "seed=8", "train.max_steps=80", "train.eval_interval=100"]
+    swarm = swarms(["--peers", "4", "--out", str(tmp_path / "swarm"), *overrides])
+    maddr = swarm.wait_for(r"peer-0 DHT address: (\S+)", limit=RUN_LIMIT).group(1)
+    victim = tmp_path / "swarm" / "peer-3"
+    end = time.monotonic() + RUN_LIMIT
+    while time.monotonic() < end and not ((victim / "metrics.jsonl").exists() and
+                                          len((victim / "metrics.jsonl").read_text().splitlines()) >= 3):  # fmt: skip
+        time.sleep(0.02)
+    os.killpg(swarm.peer_pid("3"), signal.SIGKILL)
+    joiner = swarms(["join", maddr, "--stage", "1", "--rank", "1", "--out", str(tmp_path / "joiner"), *overrides])
+    assert joiner.wait(2 * RUN_LIMIT) == 0, "".join(joiner.lines[-60:])
+    assert swarm.wait(2 * RUN_LIMIT) == 1  # the killed peer did not finish ok
+    assert "serving pipeline stage 1 of 2" in "".join(joiner.lines)
+    runs = {"survivor": tmp_path / "swarm" / "peer-2", "victim": victim, "joiner": tmp_path / "joiner"}
+    rows = {k: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if x] for k, r in runs.items()}
+    for run in (*(tmp_path / "swarm" / f"peer-{i}" for i in range(3)), tmp_path / "joiner"):
+        s = summary(run)
+        assert s["status"] == "ok" and s["steps"] == 80, (run, s)
+    served = sum(r["microbatches"] for r in rows["joiner"])
+    assert served > 0, rows["joiner"]  # driver 1 routes to index 1 again
+    per_step: dict[int, float] = {}
+    for r in (r for k in runs for r in rows[k]):
+        per_step[r["step"]] = per_step.get(r["step"], 0) + r["microbatches"]
+    died = len(rows["victim"]) + 1
+    assert all(n == 4 for t, n in per_step.items() if t != died), per_step
+    assert per_step[died] in (2, 4), per_step
+    for stage, group in ((0, (tmp_path / "swarm" / "peer-0", tmp_path / "swarm" / "peer-1")),
+                         (1, (runs["survivor"], runs["joiner"]))):  # fmt: skip
+        assert stage_diff(stage_params(group[1], stage), stage_params(group[0], stage)) <= 1e-5
+    print(f"the joiner served {served:.0f} micro-batches from step {rows['joiner'][0]['step']}")
 
 
 def test_pipeline_survives_a_stage_peer_killed_mid_step(tmp_path, swarms):

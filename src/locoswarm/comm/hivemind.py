@@ -688,8 +688,8 @@ class HivemindAverager(Averager):
         path = "allgather" if self.verify else exchange_path(codecs.summable, codecs.reducible, self.aggregator)
         target = len(members) if members is not None else None
         try:
-            if members == [self.rank]:
-                mode, averager = "alone", None  # a gossip group of one: our own contribution, nothing to exchange
+            if (members or list(range(self.workers))) == [self.rank]:  # a group of one (gossip, or workers=1: a
+                mode, averager = "alone", None  # pipeline stage of one peer): our own contribution, nothing to send
             elif path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
                 mode = "reduce"  # fp32: reduce-scatter over our mailbox (comm/exchange.py), not the butterfly
                 averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)

@@ -22,9 +22,13 @@ stage, including across a SIGKILLed peer (what that peer held is re-sent).
 
 Who is live: the directory (``remote.py``), read at most once a second. A DHT read can miss a live record for a
 moment, so a peer stays on the roster until its record says it left or it has been missing for ``ROSTER_GRACE``; a
-peer whose call failed is left out of routing for a while but still gets its "done". Peers launched together wait
-(bounded) until every stage lists all K, and a launched driver announces its first step (0) with its first record. One gap: a peer killed after a driver's "done" and before its stage's averaging round takes
-that step's micro-batches with it (the stage's round goes on without them; the driver logs nothing lost).
+peer whose call failed is suspected: left out of routing while its stage has an unsuspected peer, until it answers a
+call or for ``DIRECTORY_TTL``, and it still gets its "done". Peers launched together wait (bounded) until every stage
+lists all K, and a launched driver announces its first step (0) with its first record.
+
+One gap: a peer killed after a driver's "done" and before its stage's averaging round takes that step's micro-batches
+with it (the stage's round goes on without them; the driver logs nothing lost). A peer that dies before the "done"
+loses nothing: what it held is re-sent to a peer not told yet.
 
 A peer's gradient is the mean over its micro-batches, and its weight in the stage's average is the tokens it ran
 (``tokens_per_step``): the work-weighted mean of the ``sim`` backend's ``StagedAverager``, which under ddp is the
@@ -236,24 +240,26 @@ class StagePeerGroup(WorkerGroup):
 
     def _call(self, s: int, step: int, mb: int, direction: int, header: dict, tensors, avoid=frozenset(),
               patience: float = PATIENCE) -> tuple:  # fmt: skip
-        """Call a live peer of stage ``s`` (not one in ``avoid``, by id) about micro-batch ``mb``, retrying on others
-        and waiting up to ``patience`` seconds for one to be routable: (reply, tensors, peer)."""
+        """Call a live peer of stage ``s`` (not one in ``avoid``, by id) about micro-batch ``mb``: (reply, tensors,
+        peer). A peer that fails is suspected and the next one tried; once only suspected peers are left (a call
+        can fail on a live peer too: hivemind's stream sometimes ends without the reply), they are tried again every
+        half second for up to ``patience`` seconds."""
         give_up, attempt = time.monotonic() + patience, 0
         while True:
             listing = self._route(s, step, mb, direction, attempt, avoid)
-            if listing is None:
+            suspected = listing is None or self.link.suspected(listing.peer)
+            if listing is not None:
+                try:
+                    reply, out, _ = self.link.call(listing, {**header, "step": step, "driver": self.index,
+                                                                "mb": mb}, tensors)  # fmt: skip
+                    return reply, out, listing
+                except CallFailed as e:
+                    self._failed(listing, str(e))
+                    attempt += 1
+            if suspected:
                 if time.monotonic() >= give_up:
                     raise RuntimeError(f"stage {s} had no live peer that answered for {patience:.0f}s")
                 time.sleep(0.5)
-                continue
-            try:
-                reply, out, sent = self.link.call(listing, {**header, "step": step, "driver": self.index, "mb": mb},
-                                                  tensors)  # fmt: skip
-            except CallFailed as e:
-                self._failed(listing, str(e))
-                attempt += 1
-                continue
-            return reply, out, listing
 
     def _failed(self, listing: Listing, why: str) -> None:
         self.link.suspect(listing.peer, why)
@@ -261,7 +267,10 @@ class StagePeerGroup(WorkerGroup):
         self._since["stage_failures"] += 1
 
     def _route(self, s: int, step: int, mb: int, direction: int, attempt: int, avoid=frozenset()) -> Listing | None:
+        """The peer of stage ``s`` for this call: among those not suspected, else (all are) among the suspected."""
         peers = {r.index: r for r in self._listings(s) if r.index < self.lanes and r.peer not in avoid}
+        peers = peers or {r.index: r for r in self._listings(s, suspected=True) if r.index < self.lanes
+                          and r.peer not in avoid}  # fmt: skip
         if not peers:
             self._read_at = 0.0  # read the directory again before the next try
             return None
