@@ -233,3 +233,54 @@ def test_a_rerun_round_is_priced_as_one_more_exchange(tmp_path):
     assert netem.compare(measured, predicted)["loop_time_error"] == pytest.approx(72 / 90 - 1)
     c = netem.compare({**measured, "reruns": 1}, predicted)
     assert c["loop_time_error"] == pytest.approx(0.0) and c["reruns"] == 1 and c["ok"], c
+
+
+def test_a_pipelines_throughput_is_its_drivers_tokens_between_sync_rows():
+    """tokens/s of a pipeline: each driver's (stage 0's peers') tokens from its first sync row to its second-to-last
+    (the last includes the final, pipelined evaluation), summed over the drivers."""
+    peers = [
+        {"sync_row_steps": [5, 10, 15, 20], "sync_row_times": [10.0, 12.0, 14.0, 30.0]},  # 10 steps in 4 s
+        {"sync_row_steps": [5, 10, 15, 20], "sync_row_times": [10.0, 11.0, 12.0, 13.0]},  # 10 steps in 2 s
+        {"sync_row_steps": [], "sync_row_times": []},  # a stage-1 peer: not a driver, not counted
+    ]
+    assert netem.pipeline_tokens_per_second(peers, 2, 100) == pytest.approx(250 + 500)
+    assert netem.pipeline_tokens_per_second(peers[:1], 1, 100) == pytest.approx(250)
+    short = [{"sync_row_steps": [5, 10], "sync_row_times": [1.0, 2.0]}]
+    assert netem.pipeline_tokens_per_second(short, 1, 100) is None  # no interval without the final evaluation
+
+
+def test_a_pipelines_peers_are_split_among_its_stages():
+    """--peers N with pipeline.stages=S (from an override or an experiment config): workers = N / S peers per stage,
+    and N must be a multiple of S."""
+    assert "workers=3" in netem.with_defaults(["pipeline.stages=2"], 6)
+    assert "workers=4" in netem.with_defaults(["experiment=netem_swarm"], 8)
+    assert "workers=5" in netem.with_defaults([], 5)
+    with pytest.raises(netem.NetemError, match=r"--peers 5 must be a multiple of pipeline.stages=2"):
+        netem.with_defaults(["experiment=netem_swarm"], 5)
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_a_pipeline_runs_on_the_testbed(tmp_path):
+    """`locoswarm-netem --peers 4 experiment=netem_swarm`: 2 stages x 2 hivemind peers, each in its own namespace behind
+    a 10 Mbit/s link, calls between stages over the shaped links. Every peer finishes ok, stage 1 counts every
+    micro-batch of every step exactly once, the pipeline's throughput is reported, and the testbed is torn down.
+    --validate refuses a pipeline (the sim's model of calls between stages is not validated yet)."""
+    before = set(netem.list_run_namespaces())
+    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path), "--timeout", "300", "experiment=netem_swarm",
+                        "train.max_steps=15"], env=ENV, capture_output=True, text=True, timeout=560)  # fmt: skip
+    logs = "".join(f"\n--- {q}:\n" + "".join(q.read_text(errors="replace").splitlines(True)[-25:])
+                   for q in sorted(tmp_path.glob("peer-*/peer.log")))  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:] + logs
+    result = json.loads((tmp_path / "netem.json").read_text())
+    assert result["error"] is None and all(q["status"] == "ok" for q in result["peers"])
+    assert result["stages"] == 2 and result["tokens_per_second"] > 0 and "tokens/s through every stage" in p.stdout
+    counted = 0
+    for peer in (2, 3):  # stage 1
+        rows = [json.loads(x) for x in (tmp_path / f"peer-{peer}" / "metrics.jsonl").read_text().splitlines() if x]
+        counted += sum(r["microbatches"] for r in rows)
+    assert counted == 2 * 2 * 15  # 2 drivers x 2 micro-batches x 15 steps
+    assert not _new_namespaces(before)
+    p = subprocess.run([*CLI, "--peers", "4", "--out", str(tmp_path / "v"), "--validate", "experiment=netem_swarm"],
+                       env=ENV, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "not validated yet" in p.stderr, p.stderr

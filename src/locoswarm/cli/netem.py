@@ -183,9 +183,14 @@ def compose(overrides: list[str]):
 
 
 def with_defaults(overrides: list[str], peers: int) -> list[str]:
+    from locoswarm.cli.swarm import pipeline_stages
+
     keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    stages = pipeline_stages(overrides)
+    if peers % stages:
+        raise NetemError(f"--peers {peers} must be a multiple of pipeline.stages={stages} (the same peers per stage)")
     extra = ["backend=hivemind"] if "backend" not in keys else []
-    extra += [f"workers={peers}"] if "workers" not in keys else []
+    extra += [f"workers={peers // stages}"] if "workers" not in keys else []  # a pipeline's: peers per stage
     extra += ["train.progress=false"] if "train.progress" not in keys else []
     # Matchmaking RPCs share the shaped links with bulk all-reduce traffic (and a loaded box's CPUs): hivemind's
     # request timeout is half this window, capped at 3 s; the default 1 s loses groups on slow links.
@@ -204,8 +209,9 @@ class Interrupted(Exception):
 class SwarmRun:
     """Peers in their namespaces; watches their metrics.jsonl to timestamp every sync row."""
 
-    def __init__(self, bed: Testbed, out: Path, overrides: list[str]):
-        self.bed, self.out, self.overrides = bed, out, overrides
+    def __init__(self, bed: Testbed, out: Path, overrides: list[str], per_stage: int | None = None):
+        """per_stage: a pipeline's peers per stage (None: no pipeline)."""
+        self.bed, self.out, self.overrides, self.per_stage = bed, out, overrides, per_stage
         self.procs: list[subprocess.Popen] = []
         self.sync_times: list[list[float]] = [[] for _ in bed.links]
         self.sync_tx: list[list[int]] = [[] for _ in bed.links]  # eth0 tx bytes when each sync row appeared
@@ -218,7 +224,12 @@ class SwarmRun:
 
     def spawn(self, i: int, initial: list[str]) -> None:
         cmd = ["ip", "netns", "exec", self.bed.ns(i), sys.executable, "-m", "locoswarm.cli.swarm", "peer",
-               "--index", str(i), "--out", str(self.peer_dir(i)), "--rank", str(i)]  # fmt: skip
+               "--index", str(i), "--out", str(self.peer_dir(i))]  # fmt: skip
+        if self.per_stage:  # a pipeline (as locoswarm-swarm lays it out): peer i serves stage i // K as its peer i % K
+            cmd += ["--rank", str(i % self.per_stage), "--stage", str(i // self.per_stage),
+                    "--expect", str(self.per_stage)]  # fmt: skip
+        else:
+            cmd += ["--rank", str(i)]
         for m in initial:
             cmd += ["--initial-peer", m]
         cmd += ["--", *self.overrides, f"backend.host_maddrs=[/ip4/{self.bed.ip_of(i)}/tcp/0]"]
@@ -299,6 +310,19 @@ def loop_span(marks: list[float]) -> float | None:
     return marks[-1] - marks[0] if len(marks) >= 2 else None
 
 
+def pipeline_tokens_per_second(peers: list[dict], per_stage: int, tokens_per_step: int) -> float | None:
+    """A pipeline's training throughput: the tokens its K drivers (stage 0: peers 0 .. K-1) push through every
+    stage per second, each from its first sync row to its second-to-last (the last includes the final, pipelined
+    evaluation), summed over drivers. None if a driver logged fewer than 3 sync rows."""
+    rates = []
+    for p in peers[:per_stage]:
+        steps, times = p["sync_row_steps"], p["sync_row_times"]
+        if len(steps) < 3 or times[-2] <= times[0]:
+            return None
+        rates.append((steps[-2] - steps[0]) * tokens_per_step / (times[-2] - times[0]))
+    return sum(rates)
+
+
 def measured_step_seconds(summary: dict) -> float | None:
     """A peer's mean compute seconds per inner step, as it measured them in the swarm (under the testbed's real
     CPU load: every peer, its averager and DHT processes, whatever else runs on the box). On a real backend the
@@ -318,12 +342,13 @@ def run_testbed(args, overrides: list[str]) -> dict:
     from locoswarm.netsim import NetworkModel
 
     cfg = compose(overrides)
-    model = NetworkModel(cfg.network, cfg.workers)
+    stages = cfg.pipeline.stages
+    model = NetworkModel(cfg.network, cfg.workers * stages)  # a pipeline's peers: S x K, one link each
     if any(lk.latency_s > 0 for lk in model.links):
         print("locoswarm-netem: note: latency is not emulated (no netem qdisc in this kernel); links get bandwidth "
               "shaping only", file=sys.stderr)  # fmt: skip
     bed = Testbed(model.links)
-    swarm = SwarmRun(bed, args.out, overrides)
+    swarm = SwarmRun(bed, args.out, overrides, cfg.workers if stages > 1 else None)
     error = None
 
     def on_signal(signum, _frame):
@@ -392,7 +417,10 @@ def run_testbed(args, overrides: list[str]) -> dict:
         "latency_emulated": False,
         "reruns": reruns,
         "error": error,
-    }
+        "stages": stages,
+        "tokens_per_second": pipeline_tokens_per_second(peers, cfg.workers, cfg.train.batch_size * cfg.model.seq_len)
+        if stages > 1 else None,
+    }  # fmt: skip
 
 
 RERUN_LINE = re.compile(r"round (\d+): the group's averages disagree")  # comm/hivemind.py's warning on a re-run
@@ -545,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         preflight()
         overrides = with_defaults(args.overrides, args.peers)
+        if args.validate and compose(overrides).pipeline.stages > 1:
+            raise NetemError("--validate compares all-reduce rounds with the sim's model; a pipeline's calls between "
+                             "stages are not validated yet: run it without --validate")  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         result = run_testbed(args, overrides)
     except Interrupted:
@@ -565,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"locoswarm-netem: {args.peers} peers, wall {result['wall_seconds']:.1f}s, round "
           f"{result['round_seconds'] or float('nan'):.2f}s (mean), {result['tx_bytes_per_peer'] / 1e6:.2f} MB "
           "sent per peer on the wire")  # fmt: skip
+    if result["tokens_per_second"] is not None:
+        print(f"  pipeline: {result['stages']} stages x {args.peers // result['stages']} peers, "
+              f"{result['tokens_per_second']:.1f} tokens/s through every stage")  # fmt: skip
     if args.validate and not bad:
         rounds = len(result["peers"][0]["round_seconds"])
         steps = [args.step_seconds] * args.peers if args.step_seconds else [q["step_seconds"] for q in result["peers"]]

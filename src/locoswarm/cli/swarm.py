@@ -280,16 +280,10 @@ def _with_defaults(overrides: list[str], peers: int | None) -> list[str]:
     return extra + overrides
 
 
-def _stages(overrides: list[str]) -> int:
-    """pipeline.stages as the overrides set it (1: no pipeline)."""
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key.lstrip("+~") == "pipeline.stages":
-            try:
-                return max(1, int(value))
-            except ValueError:
-                return 1  # the config's own validation names the bad value
-    return 1
+def pipeline_stages(overrides: list[str]) -> int:
+    """pipeline.stages of the config these overrides compose (an experiment config may set it; 1: no pipeline).
+    Raises ValueError naming a bad key or value."""
+    return compose_config(_with_defaults(overrides, None)).pipeline.stages
 
 
 def keygen(argv: list[str]) -> int:
@@ -343,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         return sup.wait()
     if args.peers < 1:
         p.error("--peers must be >= 1")
-    stages = _stages(args.overrides)
+    try:
+        stages = pipeline_stages(args.overrides)
+    except ValueError as e:
+        p.error(str(e))
     if stages > 1 and args.peers % stages:
         p.error(f"--peers {args.peers} must be a multiple of pipeline.stages={stages} (the same peers per stage)")
     per_stage = args.peers // stages  # a pipeline's workers: peers per stage; peer i serves stage i // K
