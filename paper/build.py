@@ -7,7 +7,8 @@ DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` 
 ``experiments/attacks_report.py`` from ATTACKS_RUNS (a ``reproduce_attacks.py --out`` folder) and, for the
 heterogeneous-swarm section (macros ``heterogeneous.*``), by ``experiments/reproduce_heterogeneous.py`` from
 HETEROGENEOUS_RUNS (its ``--out`` folder) and, for the SWARM section (macros ``swarm.*``), by
-``experiments/reproduce_swarm.py`` from SWARM_RUNS (its ``--out`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
+``experiments/reproduce_swarm.py`` from SWARM_RUNS (its ``--out`` folder), its measured throughput on locoswarm-netem
+(macros ``netem_swarm.*``) by ``experiments/netem_swarm_study.py`` from NETEM_SWARM_RUNS. A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
 ``numbers.json``, ``tables/`` and ``figures/``.
 """
 
@@ -132,6 +133,17 @@ def swarm_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]
     return nums, tables
 
 
+def netem_swarm_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``netem_swarm.*``) and the table (``netem_swarm``) of the SWARM section's measured throughput on
+    locoswarm-netem; draws ``figures/netem_swarm.png``."""
+    import netem_swarm_study as ns
+
+    nums, tables = ns.paper_numbers(runs)
+    ns.figure(json.loads((runs / "report" / "numbers.json").read_text()), out / "figures" / "netem_swarm.png")
+    nums["netem_swarm.runs_dir"] = str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs)
+    return nums, tables
+
+
 def count_params(rep, variant: str = "diloco") -> int:
     """Parameters of the reference run's (``variant``'s) model, built on the meta device (no memory, any size)."""
     import torch
@@ -147,7 +159,13 @@ def count_params(rep, variant: str = "diloco") -> int:
 
 
 def build(
-    runs: Path, out: Path, streaming_runs: Path, attacks_runs: Path, heterogeneous_runs: Path, swarm_runs: Path
+    runs: Path,
+    out: Path,
+    streaming_runs: Path,
+    attacks_runs: Path,
+    heterogeneous_runs: Path,
+    swarm_runs: Path,
+    netem_swarm_runs: Path,
 ) -> Path:
     from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
     from pdf import render
@@ -164,7 +182,8 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
     for section, section_runs in [(streaming_section, streaming_runs), (attacks_section, attacks_runs),
-                                  (heterogeneous_section, heterogeneous_runs), (swarm_section, swarm_runs)]:  # fmt: skip
+                                  (heterogeneous_section, heterogeneous_runs), (swarm_section, swarm_runs),
+                                  (netem_swarm_section, netem_swarm_runs)]:  # fmt: skip
         section_nums, section_tables = section(section_runs, out)
         nums.update(section_nums)
         md_tables.update(section_tables)
@@ -194,10 +213,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a reproduce_heterogeneous.py --out folder (default: committed)")  # fmt: skip
     p.add_argument("--swarm-runs", default="results/swarm_ci",
                    help="a reproduce_swarm.py --out folder (default: committed)")  # fmt: skip
+    p.add_argument("--netem-swarm-runs", default="results/netem_swarm",
+                   help="an experiments/netem_swarm_study.py --out folder (default: committed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "build")
     args = p.parse_args(argv)
     build(resolve_runs(args.runs), args.out.resolve(), resolve_runs(args.streaming_runs),
-          resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs), resolve_runs(args.swarm_runs))  # fmt: skip
+          resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs), resolve_runs(args.swarm_runs),
+          resolve_runs(args.netem_swarm_runs))  # fmt: skip
     return 0
 
 
