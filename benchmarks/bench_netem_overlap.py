@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from locoswarm.cli.netem import run_measured
 
 VARIANTS: dict[str, list[str]] = {
     "diloco": [],  # the baseline: blocking DiLoCo, H=44
@@ -42,34 +40,18 @@ BASELINE = "diloco"
 PEERS = 4
 
 
-class LoadSampler(threading.Thread):
-    """1-minute load average every ``every`` seconds while a run lasts."""
-
-    def __init__(self, every: float = 5.0):
-        super().__init__(daemon=True)
-        self.every, self.samples, self.done = every, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.every):
-            self.samples.append(os.getloadavg()[0])
-
-
 def run_variant(name: str, out: Path, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "locoswarm.cli.netem", "--peers", str(PEERS), "--out", str(out), "--validate",
-           "--timeout", str(timeout), "experiment=netem_overlap", *VARIANTS[name]]  # fmt: skip
+    argv = ["--peers", str(PEERS), "--out", str(out), "--validate", "--timeout", str(timeout),
+            "experiment=netem_overlap", *VARIANTS[name]]  # fmt: skip
     before = os.getloadavg()[0]
-    sampler = LoadSampler()
-    sampler.start()
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    sampler.done.set()
-    print(f"# {name}: locoswarm-netem exit {p.returncode} after {time.monotonic() - t0:.0f}s", flush=True)
+    p, seconds, load = run_measured(argv)
+    print(f"# {name}: locoswarm-netem exit {p.returncode} after {seconds:.0f}s", flush=True)
     print("\n".join("#   " + line for line in p.stdout.strip().splitlines()), flush=True)
     if not (out / "netem.json").exists() or "predicted" not in json.loads((out / "netem.json").read_text()):
         sys.exit(f"{name}: no measurement or prediction; see {out}/peer-*/peer.log\n{p.stderr[-3000:]}")
     result = json.loads((out / "netem.json").read_text())
     result["load_before"] = before
-    result["load_during"] = statistics.mean(sampler.samples) if sampler.samples else os.getloadavg()[0]
+    result["load_during"] = load
     result["netem_returncode"] = p.returncode
     return result
 

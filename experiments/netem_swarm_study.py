@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+
+from locoswarm.cli.netem import run_measured
 
 PEERS_PER_STAGE = (1, 2, 4)
 ALGOS = {
@@ -39,18 +37,6 @@ ALGOS = {
 }
 STAGES = 2
 TIMEOUT = 600.0  # seconds one netem run may take
-
-
-class LoadSampler(threading.Thread):
-    """The 1-minute load average every ``every`` seconds while a run lasts."""
-
-    def __init__(self, every: float = 5.0):
-        super().__init__(daemon=True)
-        self.every, self.samples, self.done = every, [], threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.every):
-            self.samples.append(os.getloadavg()[0])
 
 
 def run_name(algo: str, k: int, seed: int) -> str:
@@ -66,18 +52,13 @@ def finished(run: Path) -> bool:
 
 
 def run_one(algo: str, k: int, seed: int, run: Path) -> None:
-    cmd = [sys.executable, "-m", "locoswarm.cli.netem", "--peers", str(STAGES * k), "--out", str(run), "--timeout",
-           str(TIMEOUT), "experiment=netem_swarm", *ALGOS[algo], f"seed={seed}"]  # fmt: skip
-    sampler = LoadSampler()
-    sampler.start()
-    t0 = time.monotonic()
-    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    sampler.done.set()
-    print(f"{run.name}: locoswarm-netem exit {p.returncode} after {time.monotonic() - t0:.0f}s", flush=True)
+    p, seconds, load = run_measured(["--peers", str(STAGES * k), "--out", str(run), "--timeout", str(TIMEOUT),
+                                     "experiment=netem_swarm", *ALGOS[algo], f"seed={seed}"])  # fmt: skip
+    print(f"{run.name}: locoswarm-netem exit {p.returncode} after {seconds:.0f}s", flush=True)
     print("\n".join("  " + line for line in (p.stdout + p.stderr).strip().splitlines()[-4:]), flush=True)
     if (run / "netem.json").exists():
         doc = json.loads((run / "netem.json").read_text())
-        doc["load_during"] = statistics.mean(sampler.samples) if sampler.samples else os.getloadavg()[0]
+        doc["load_during"] = load
         (run / "netem.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 

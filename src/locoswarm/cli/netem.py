@@ -48,6 +48,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -204,6 +205,30 @@ def with_defaults(overrides: list[str], peers: int) -> list[str]:
 
 class Interrupted(Exception):
     pass
+
+
+class LoadSampler(threading.Thread):
+    """The 1-minute load average every ``every`` seconds while a run lasts."""
+
+    def __init__(self, every: float = 5.0):
+        super().__init__(daemon=True)
+        self.every, self.samples, self.done = every, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+
+def run_measured(argv: list[str]) -> tuple[subprocess.CompletedProcess, float, float]:
+    """``locoswarm-netem ARGV`` as a subprocess, as a study or benchmark runs it (one at a time: runs share the box's
+    CPUs): (the finished process, its wall seconds, the box's mean 1-minute load average while it ran)."""
+    sampler = LoadSampler()
+    sampler.start()
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "locoswarm.cli.netem", *argv], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True)  # fmt: skip
+    sampler.done.set()
+    return p, time.monotonic() - t0, statistics.mean(sampler.samples) if sampler.samples else os.getloadavg()[0]
 
 
 class SwarmRun:
