@@ -18,7 +18,7 @@ from locoswarm.cli.train import CONF_DIR, to_config
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
 # one config each: netem runs, and the demo (it sweeps algorithm on the command line)
-SINGLE_RUN = {"netem_validation", "netem_overlap", "demo"}
+SINGLE_RUN = {"netem_validation", "netem_overlap", "netem_swarm", "demo"}
 EXE = str(Path(sys.executable).with_name("locoswarm-train"))
 SHRINK = [
     "data.synthetic_tokens=60000", "data.chunk_tokens=1024", "model.n_layer=1", "model.d_model=32", "model.n_head=2",
