@@ -185,7 +185,9 @@ class StagePeerGroup(WorkerGroup):
     def _listings(self, stage: int | None = None, fresh: bool = False, suspected: bool = False) -> list[Listing]:
         """The stage peers we know (of ``stage``; default all), by (stage, index). A DHT read can miss a live record
         for a moment, so a peer stays on our roster until its record says it left or we have not seen it for
-        ``ROSTER_GRACE`` seconds. suspected: include peers whose call failed lately (still owed a "done")."""
+        ``ROSTER_GRACE`` seconds. A peer that has not announced its first step is not listed: a joiner is still
+        downloading its stage's state and would hold a call (or a "done") until it has. suspected: include peers
+        whose call failed lately (still owed a "done")."""
         now = time.monotonic()
         if fresh or now - self._read_at > 1.0:
             for peer, r in self.link.directory().items():
@@ -194,7 +196,7 @@ class StagePeerGroup(WorkerGroup):
                 else:
                     self._roster[peer] = (r, now)
             self._read_at = now
-        out = [r for r, seen in self._roster.values() if now - seen <= ROSTER_GRACE
+        out = [r for r, seen in self._roster.values() if now - seen <= ROSTER_GRACE and r.joined < NOT_YET
                and (stage is None or r.stage == stage) and (suspected or not self.link.suspected(r.peer))]  # fmt: skip
         return sorted(out, key=lambda r: (r.stage, r.index, r.peer))
 
@@ -205,7 +207,7 @@ class StagePeerGroup(WorkerGroup):
         end = time.monotonic() + PATIENCE / 2
         while time.monotonic() < end:
             seen = self._listings(fresh=True)  # drivers count once they announce their first step
-            counts = [sum(r.stage == s and (s > 0 or r.joined < NOT_YET) for r in seen) for s in range(self.stages)]
+            counts = [sum(r.stage == s for r in seen) for s in range(self.stages)]
             if min(counts) >= want:
                 return
             time.sleep(0.25)
@@ -334,6 +336,9 @@ class StagePeerGroup(WorkerGroup):
         """Serve this step's calls until every live driver said done. Returns (mean loss of the micro-batches
         counted, NaN unless the last stage; their number)."""
         self._records, self._done, self._losses = {}, set(), []
+        if self.link.joined == NOT_YET:  # a joiner with the stage's state: drivers may call us from now on
+            self.link.joined = step
+            self.link.announce()
         self._wait_for_drivers(step, self._done, TRAIN_KINDS)
         for driver in {d for d, _ in self._records} - self._done:  # its driver is gone: never confirmed
             self._disown(driver, [])
