@@ -86,5 +86,5 @@ def test_paper_builds_from_the_committed_results(tmp_path: Path) -> None:
     summaries = [json.loads(p.read_text()) for p in (COMMITTED / "runs").glob("diloco-s*/summary.json")]
     mean = sum(s["final_val_loss"] for s in summaries) / len(summaries)
     assert numbers["main.diloco.loss"] == f"{mean:.4f}"
-    # 4 DiLoCo + streaming.png (6) + attacks.png (7) + heterogeneous.png (8) + swarm.png (9)
-    assert len(list((tmp_path / "figures").glob("*.png"))) == 8
+    # 4 DiLoCo + streaming.png (6) + attacks.png (7) + heterogeneous.png (8) + swarm.png and netem_swarm.png (9)
+    assert len(list((tmp_path / "figures").glob("*.png"))) == 9
