@@ -1,8 +1,9 @@
-"""All-reduce round time on an emulated 100 Mbit/s network: locoswarm's hivemind averager vs raw hivemind
+"""All-reduce round time on emulated links (100 Mbit/s each way by default): locoswarm's hivemind averager vs raw hivemind
 ``DecentralizedAverager`` vs a gloo ``all_reduce`` of the same tensor, against the bandwidth bound 2(N-1)/N * S/B.
 
-    sudo .venv/bin/python benchmarks/bench_allreduce.py            # 2 and 4 peers, 50 MB
+    sudo .venv/bin/python benchmarks/bench_allreduce.py            # 2 and 4 peers, 50 MB, 100 Mbit/s links
     sudo .venv/bin/python benchmarks/bench_allreduce.py --mb 100 --peers 2
+    sudo .venv/bin/python benchmarks/bench_allreduce.py --peers 4 --rate 25   # slower links, same tensor
 
 Root only. It builds its own network namespaces (named ``lsbench<pid>-*``): one per peer plus one holding a
 Linux bridge; each peer is wired to the bridge by a veth pair shaped with ``tc qdisc ... tbf rate 100mbit`` in
@@ -11,7 +12,11 @@ namespaces (they have no default route). Everything is torn down by name on exit
 
 Per method and peer count it runs two rounds (the first also opens connections) and reports, per round, the
 slowest peer's time from a common barrier to holding the average (hivemind: matchmaking included), and
-bound / measured (1.0 = the link is saturated in both directions for the whole round).
+bound / measured (1.0 = the link is saturated in both directions for the whole round). Under each method it
+gives how busy this box's CPUs were in round 2 (from its barrier until every peer held the average), in all and
+by kind of process (the libp2p daemons ``p2pd``, python, the rest): every peer shares this box, so a method that
+is short of CPU here would show it there. Comparing ``--rate`` values tells a cost per byte (worse at higher
+rates) from a cost per round (the same in seconds at any rate).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import tempfile
 import time
 from pathlib import Path
 
-RATE_MBIT = 100.0
 PREFIX = f"lsbench{os.getpid()}"
 
 
@@ -39,8 +43,8 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Testbed:
     """N namespaces on a shaped bridge: peer i is 10.77.<net>.<i+1>."""
 
-    def __init__(self, peers: int, net: int):
-        self.peers, self.net = peers, net
+    def __init__(self, peers: int, net: int, rate_mbit: float):
+        self.peers, self.net, self.rate_mbit = peers, net, rate_mbit
         self.bridge_ns = f"{PREFIX}-br{net}"
         self.names = [f"{PREFIX}-n{net}p{i}" for i in range(peers)]
 
@@ -66,7 +70,7 @@ class Testbed:
             sh("ip", "-n", self.bridge_ns, "link", "set", bridge_side, "up")
             # Shape both directions: the peer's egress (uplink) and the bridge port's egress (downlink). A burst
             # well above a GSO super-packet (64 KB) so tbf never drops a packet for being larger than the bucket.
-            tbf = ["root", "tbf", "rate", f"{RATE_MBIT:g}mbit", "burst", "256kb", "latency", "50ms"]
+            tbf = ["root", "tbf", "rate", f"{self.rate_mbit:g}mbit", "burst", "256kb", "latency", "50ms"]
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)
             sh("ip", "netns", "exec", self.bridge_ns, "tc", "qdisc", "add", "dev", bridge_side, *tbf)
 
@@ -80,6 +84,33 @@ def cleanup_all() -> None:
         name = line.split()[0] if line.strip() else ""
         if name.startswith(PREFIX + "-"):
             sh("ip", "netns", "del", name, check=False)
+
+
+# ---------------------------------------------------------------------------------------------- CPU
+def cpu_sample() -> tuple[list[int], dict[str, int]]:
+    """This box's CPU time so far (``/proc/stat``: busy and total jiffies over all cores) and, per kind of process
+    (the libp2p daemon ``p2pd``, ``python``, everything else), the jiffies they used: every peer's processes share
+    this box's PID namespace, so one peer sees them all."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    per_kind: dict[str, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            text = stat.read_text()
+            comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+            kind = "p2pd" if comm.startswith("p2pd") else "python" if comm.startswith("python") else "other"
+            per_kind[kind] = per_kind.get(kind, 0) + int(rest[11]) + int(rest[12])  # utime + stime
+    return [sum(fields) - idle, sum(fields)], per_kind
+
+
+def cpu_shares(before, after) -> dict[str, float]:
+    """Between two ``cpu_sample``s: the share of the box's CPU time that was busy ("box"), and the share each kind
+    of process used (of the same total: a process that exited in between is missed)."""
+    total = max(1, after[0][1] - before[0][1])
+    out = {"box": (after[0][0] - before[0][0]) / total}
+    for kind in after[1]:
+        out[kind] = max(0, after[1][kind] - before[1].get(kind, 0)) / total
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- one peer
@@ -105,9 +136,14 @@ def worker(args: argparse.Namespace) -> None:
     def timed(name: str, fn) -> None:
         for _ in range(2):
             dist.barrier()
+            cpu0 = cpu_sample() if rank == 0 else None
             t0 = time.perf_counter()
             fn()
             results.setdefault(name, []).append(time.perf_counter() - t0)
+            dist.barrier()  # every peer is done: rank 0's sample covers the whole round
+            if cpu0 is not None:
+                for kind, share in cpu_shares(cpu0, cpu_sample()).items():
+                    results.setdefault(f"_cpu {kind} {name}", []).append(share)
 
     # gloo ring all-reduce of the same tensor.
     buf = data.clone()
@@ -187,8 +223,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(peers: int, mb: float, tmp: Path) -> dict[str, list[float]]:
-    bed = Testbed(peers, net=peers)
+def run(peers: int, mb: float, rate_mbit: float, tmp: Path) -> dict[str, list[float]]:
+    bed = Testbed(peers, net=peers, rate_mbit=rate_mbit)
     procs: list[subprocess.Popen] = []
     try:
         bed.up()
@@ -211,7 +247,8 @@ def run(peers: int, mb: float, tmp: Path) -> dict[str, list[float]]:
             tail = (tmp / f"n{peers}-r{bad[0]}.log").read_text()[-3000:]
             raise RuntimeError(f"{peers} peers: peer {bad[0]} failed or timed out:\n{tail}")
         per_peer = [json.loads((tmp / f"n{peers}-r{i}.json").read_text()) for i in range(peers)]
-        return {k: [max(p[k][r] for p in per_peer) for r in range(len(per_peer[0][k]))] for k in per_peer[0]}
+        keys = dict.fromkeys(k for p in per_peer for k in p)  # rank 0 alone samples the CPU
+        return {k: [max(vals) for vals in zip(*(p[k] for p in per_peer if k in p), strict=True)] for k in keys}
     finally:
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
@@ -223,6 +260,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     p.add_argument("--mb", type=float, default=50.0, help="tensor size in MB (fp32)")
+    p.add_argument("--rate", type=float, default=100.0, help="each link's rate in Mbit/s, both ways")
     p.add_argument("--logs", type=Path, default=None, help="keep each peer's log in this folder")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
@@ -238,15 +276,15 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (cleanup_all(), sys.exit(130)))
     size = args.mb * 1e6
-    print(f"tensor {args.mb:g} MB fp32, links {RATE_MBIT:g} Mbit/s each way (tc tbf), bound = 2(N-1)/N * S/B")
+    print(f"tensor {args.mb:g} MB fp32, links {args.rate:g} Mbit/s each way (tc tbf), bound = 2(N-1)/N * S/B")
     print(f"{'peers':>5}  {'method':<32} {'bound s':>8} {'round 1 s':>10} {'round 2 s':>10} {'bound/round 2':>14}")
     try:
         with tempfile.TemporaryDirectory(prefix="lsbench") as d:
             for n in args.peers:
                 if args.logs is not None:
                     args.logs.mkdir(parents=True, exist_ok=True)
-                res = run(n, args.mb, args.logs or Path(d))
-                bound = 2 * (n - 1) / n * size * 8 / (RATE_MBIT * 1e6)
+                res = run(n, args.mb, args.rate, args.logs or Path(d))
+                bound = 2 * (n - 1) / n * size * 8 / (args.rate * 1e6)
                 for name, times in res.items():
                     if name.startswith("_") and not name.startswith("_exchange"):
                         continue
@@ -255,6 +293,11 @@ def main() -> None:
                     print(
                         f"{n:>5}  {name:<32} {bound:>8.2f} {times[0]:>10.2f} {times[1]:>10.2f} {bound / times[1]:>14.2f}"
                     )
+                    if f"_cpu box {name}" in res:  # round 2, from its barrier until every peer held the average
+                        kinds = ", ".join(
+                            f"{k} {res.get(f'_cpu {k} {name}', [0, 0])[1]:.0%}" for k in ("p2pd", "python", "other")
+                        )
+                        print(f"{n:>5}    (CPU busy, round 2: {res[f'_cpu box {name}'][1]:.0%} of the box: {kinds})")
                     if name.startswith("locoswarm"):  # a failed round logs no split: fewer entries
                         mm = ", ".join(f"{t:.2f} s" for t in res[f"_matchmaking {name}"])
                         print(f"{n:>5}    (matchmaking, slowest peer, rounds that completed: {mm})")
