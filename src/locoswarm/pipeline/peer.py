@@ -200,6 +200,13 @@ class StagePeerGroup(WorkerGroup):
                and (stage is None or r.stage == stage) and (suspected or not self.link.suspected(r.peer))]  # fmt: skip
         return sorted(out, key=lambda r: (r.stage, r.index, r.peer))
 
+    def _announce_joined(self, step: int) -> None:
+        """A joiner's first step: its directory record says it takes part from ``step`` on (``_listings`` lists it
+        from then on). Anyone else has a step in its record already."""
+        if self.link.joined == NOT_YET:
+            self.link.joined = step
+            self.link.announce()
+
     def _await_launched(self) -> None:
         """Peers launched together: wait (bounded) until the directory lists all K peers of every stage, so the first
         step neither misses a peer that is still starting nor routes around it."""
@@ -217,9 +224,7 @@ class StagePeerGroup(WorkerGroup):
     def _drive(self, step: int) -> float:
         w, last = self.worker, self.stages - 1
         x, y = w.sampler.next()
-        if self.link.joined == NOT_YET:  # a joiner: the stage peers' barriers wait for us from this step on
-            self.link.joined = step
-            self.link.announce()
+        self._announce_joined(step)  # a joiner: the stage peers' barriers wait for us from this step on
         kept: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}  # (stage, mb) -> its call's tensors
         owner: dict[tuple[int, int], Listing] = {}
         losses = []
@@ -336,9 +341,7 @@ class StagePeerGroup(WorkerGroup):
         """Serve this step's calls until every live driver said done. Returns (mean loss of the micro-batches
         counted, NaN unless the last stage; their number)."""
         self._records, self._done, self._losses = {}, set(), []
-        if self.link.joined == NOT_YET:  # a joiner with the stage's state: drivers may call us from now on
-            self.link.joined = step
-            self.link.announce()
+        self._announce_joined(step)  # a joiner with the stage's state: drivers may call us from now on
         self._wait_for_drivers(step, self._done, TRAIN_KINDS)
         for driver in {d for d, _ in self._records} - self._done:  # its driver is gone: never confirmed
             self._disown(driver, [])
