@@ -91,6 +91,7 @@ class Execution(StrEnum):
 class AllReduce(StrEnum):
     butterfly = "butterfly"
     mailbox = "mailbox"
+    ring = "ring"
 
 
 class Topology(StrEnum):
@@ -397,10 +398,13 @@ class BackendConfig:
     deadline_margin x 2 round periods the swarm advertises."""
     allreduce: AllReduce = AllReduce.butterfly
     """hivemind: how an uncompressed (fp32) round is averaged once matchmaking has formed the group: butterfly
-    (hivemind's DecentralizedAverager all-reduce) or mailbox (locoswarm's reduce-scatter over hivemind's P2P,
-    comm/hivemind_gather.py, as int8 is averaged: the sim's arithmetic bit for bit). Measured slower than the
-    butterfly on 100 Mbit/s links (benchmarks/bench_allreduce.py); kept to compare the two exchanges. With mailbox
-    a non-finite contribution is dropped per chunk, as for int8."""
+    (hivemind's DecentralizedAverager all-reduce), mailbox (locoswarm's reduce-scatter over hivemind's P2P,
+    comm/hivemind_gather.py, as int8 is averaged: the sim's arithmetic bit for bit; a non-finite contribution is
+    dropped per chunk, as for int8) or ring (a pipelined ring all-reduce over hivemind's P2P: one long-lived stream
+    to the next peer; summed in ring order, so equal to the sim to float rounding, like the butterfly). With 4 peers
+    on 100 Mbit/s links the ring's exchange ran at 0.88 of the bandwidth bound, the butterfly's and the mailbox's
+    at 0.78 (benchmarks/bench_allreduce.py): an all-to-all pattern shares each link among n - 1 flows and idles
+    between its stages, even over plain TCP."""
     # --- backend=torch (torch.distributed under torchrun) ---
     dist_backend: str = "auto"
     """torch: process-group backend: auto (nccl when training on CUDA, else gloo), gloo or nccl."""

@@ -693,6 +693,13 @@ class HivemindAverager(Averager):
             elif path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
                 mode = "reduce"  # fp32: reduce-scatter over our mailbox (comm/exchange.py), not the butterfly
                 averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
+            elif (
+                path == "allreduce"
+                and self.cfg.allreduce == "ring"
+                and codecs.wire_values(payloads).dtype == torch.float32
+            ):
+                mode = "ring"  # fp32: a pipelined ring over our mailbox's streams (comm/hivemind_gather.py)
+                averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
             elif path == "allreduce" and codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
                 mode = "butterfly"
                 wire = codecs.wire_values(payloads)
@@ -841,9 +848,9 @@ class HivemindAverager(Averager):
     ):
         """One round: find a group, exchange, screen and aggregate, check the group agrees. Returns (result, the
         members' worker ranks, total weight, bytes sent, rejected rank -> reason). ``mode``: "butterfly"
-        all-reduces the summable wire values in the DecentralizedAverager; "gather" (all-gather) and "reduce"
-        (re-quantising reduce-scatter) send the payloads peer to peer (comm/hivemind_gather.py) and the
-        DecentralizedAverager only forms the group. ``path``: ``aggregate.exchange_path``'s, which decides how the
+        all-reduces the summable wire values in the DecentralizedAverager; "gather" (all-gather), "reduce"
+        (re-quantising reduce-scatter) and "ring" (fp32 ring all-reduce) send the payloads peer to peer
+        (comm/hivemind_gather.py) and the DecentralizedAverager only forms the group. ``path``: ``aggregate.exchange_path``'s, which decides how the
         gathered rows are combined. ``gossip``: a gossip round's member ranks (only they meet), None: the swarm."""
         if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
@@ -935,6 +942,9 @@ class HivemindAverager(Averager):
                     if mode == "gather":
                         mean, dropped = self._gather_mean(codecs, number, redo, group, blob, payloads, give_up, path)
                         sent = allgather_bytes(n, payload_bytes)
+                    elif mode == "ring":
+                        mean, dropped = self._ring_mean(codecs, number, redo, group, payloads, members, give_up)
+                        sent = round_bytes(n, payload_bytes)
                     else:
                         mean, sent, dropped = self._reduce_mean(codecs, number, redo, group, payloads, give_up)
                 except (GatherFailed, ValueError) as e:
@@ -1133,6 +1143,29 @@ class HivemindAverager(Averager):
         else:
             mean, dropped = combine(self.aggregator, rows, shares, self.max_norm_ratio)
         return mean, {**{ranks[j]: why for j, why in dropped.items()}, **rejected}
+
+    def _ring_mean(
+        self,
+        codecs: LocalCodecs,
+        number: int,
+        redo: int,
+        group: dict,
+        payloads: list[Payload],
+        members: list[int],
+        give_up: float,
+    ) -> tuple[list[torch.Tensor], dict[int, str]]:
+        """``backend.allreduce=ring``: each member scales its fp32 wire values by its share of the group's weight
+        and the ring sums them (``PayloadMailbox.ring_sum``), in (rank, peer id) order. Summed on the wire, as by the
+        butterfly: only the sum can be screened. Returns (mean, rejected rank -> reason)."""
+        assert self._mailbox is not None
+        order = self._order(group)
+        weights = torch.tensor([float(group[p]["w"]) for p in order], dtype=torch.float64)
+        if not weights.sum() > 0:
+            raise RoundFailed("no member of the group has a positive weight")
+        share = float(group[self._mailbox.peer_id]["w"]) / float(weights.sum())
+        values = codecs.wire_values(payloads).to(torch.float32) * share
+        total = self._mailbox.ring_sum(number, redo, order, values, give_up)
+        return reject_nonfinite_sum(codecs.decode_values(total, payloads), members)
 
     def _reduce_mean(
         self, codecs: LocalCodecs, number: int, redo: int, group: dict, payloads: list[Payload], give_up: float

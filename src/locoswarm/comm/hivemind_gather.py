@@ -18,6 +18,9 @@ byte past the limit and kept as that prefix: it counts as arrived (no one waits 
 fails the decoder's exact length check (``LocalCodecs``), so its sender alone is dropped from the round, and a
 sender cannot make us buffer more than the limit.
 
+The mailbox also runs ``backend.allreduce=ring``: a pipelined ring all-reduce of fp32 values (``ring_sum``) over one
+stream to the next member, the exchange that comes nearest link rate (benchmarks/bench_allreduce.py).
+
 The mailbox also serves this peer's committed phase start states to groupmates that verify it (``serve``,
 ``fetch``; verify.py's ``PeerReplay``): a request names a round, the answer streams the bytes committed for it
 (the last two rounds are kept), and the asker reads no more than it expects.
@@ -31,7 +34,9 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 
+import torch
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, P2PContext, PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
@@ -39,6 +44,22 @@ from hivemind.proto import averaging_pb2, runtime_pb2
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20  # stream messages stay far below the daemon's 4 MiB message limit
+RING_REDOS = 8  # a ring stream for a redo past this is refused (bounds what one round may hold per sender)
+
+
+def ring_plan(numel: int, world: int, rank: int, piece: int) -> list[tuple[int, int, int]]:
+    """A pipelined ring all-reduce of ``numel`` elements among ``world`` peers: the (start, stop, step) element
+    ranges that the peer at ``rank`` in the ring sends its successor, in order, ``piece`` elements or fewer each, over
+    2(world - 1) steps of one chunk each. In reduce-scatter step s < world - 1 it sends chunk (rank - s); in
+    all-gather step s >= world - 1, chunk (rank + world - s). Its step s + 1 sends the range it received in step s
+    (its predecessor's step s): the running sum with its own values added, then, from the last reduce-scatter step
+    on, the finished sum. So what a peer receives is ``ring_plan(..., rank - 1, ...)``."""
+    bounds = [numel * j // world for j in range(world + 1)]
+    plan = []
+    for step in range(2 * (world - 1)):
+        chunk = (rank - step) % world if step < world - 1 else (rank + world - step) % world
+        plan += [(a, min(a + piece, bounds[chunk + 1]), step) for a in range(bounds[chunk], bounds[chunk + 1], piece)]
+    return plan
 
 
 async def close_replica(p2p: P2P, handlers: Sequence[tuple[str, dict]]) -> None:
@@ -78,6 +99,8 @@ class PayloadMailbox:
         self._expect: dict[int, int] = {}  # round -> the largest payload we accept (set before a round's exchange)
         self._oldest_round = 0  # payloads for earlier rounds are dropped
         self._evidence: dict[int, bytes] = {}  # round -> the start state we committed to in it (``serve``)
+        # ring all-reduce (``ring_sum``): (round, redo, sender) -> its stream's messages, in the loop's thread
+        self._rings: dict[tuple[int, int, bytes], asyncio.Queue] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="locoswarm-gather", daemon=True)
         self._thread.start()
@@ -92,6 +115,8 @@ class PayloadMailbox:
         await p2p.add_protobuf_handler(self.name, self._receive, averaging_pb2.AveragingData, stream_input=True)
         await p2p.add_protobuf_handler(f"{self.name}_evidence", self._answer, averaging_pb2.AveragingData,
                                        stream_output=True)  # fmt: skip
+        await p2p.add_protobuf_handler(f"{self.name}_ring", self._receive_ring, averaging_pb2.AveragingData,
+                                       stream_input=True)  # fmt: skip
         return p2p
 
     # ------------------------------------------------------------------ receiving (runs in the loop thread)
@@ -145,6 +170,122 @@ class PayloadMailbox:
             return
         for start in range(0, max(1, len(blob)), CHUNK_BYTES):
             yield averaging_pb2.AveragingData(tensor_part=runtime_pb2.Tensor(buffer=blob[start : start + CHUNK_BYTES]))
+
+    # ------------------------------------------------------------------ ring all-reduce
+    def _ring_queue(self, key: tuple[int, int, bytes]) -> asyncio.Queue:
+        if key not in self._rings:
+            self._rings[key] = asyncio.Queue()
+        return self._rings[key]
+
+    async def _receive_ring(
+        self, requests: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> averaging_pb2.AveragingData:
+        """A predecessor's ring stream: its messages go to the queue ``ring_sum`` reads, which checks every piece's
+        size against the plan. Refused unread: a round we are not in, a redo past ``RING_REDOS``. Read no further
+        than the round's limit (twice the values: every piece passes through a peer at most twice)."""
+        queue, received, limit = None, 0, 0
+        async for msg in requests:
+            if queue is None:
+                try:
+                    round_, redo = (int(x) for x in msg.group_id.decode().split(":"))
+                except ValueError:
+                    return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+                with self._cond:
+                    size = self._expect.get(round_)
+                if round_ < self._oldest_round or size is None or not 0 <= redo < RING_REDOS:
+                    return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+                queue, limit = self._ring_queue((round_, redo, context.remote_id.to_bytes())), 2 * size
+            received += len(msg.tensor_part.buffer)
+            if received > limit:
+                queue.put_nowait(None)  # the reader fails the round: a piece it did not plan for
+                return averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            queue.put_nowait(msg.tensor_part.buffer)
+        if queue is None:
+            return averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+        queue.put_nowait(None)  # the end of the stream
+        return averaging_pb2.AveragingData(code=averaging_pb2.ACCEPTED)
+
+    def ring_sum(
+        self, round_: int, redo: int, members: Sequence[PeerID], values: torch.Tensor, deadline: float
+    ) -> torch.Tensor:
+        """The sum of every member's ``values`` (fp32, one flat tensor of the same length on every member) by a ring
+        all-reduce (``ring_plan``): one stream to the next member in ``members`` for the whole round, each piece sent
+        on as soon as it has arrived from the previous one. Every link carries one long-lived flow each way, as in
+        gloo's ring; the all-to-all of the reduce-scatter (n - 1 flows per link, and idle links between its two
+        stages) stays well below link rate (benchmarks/bench_allreduce.py). Each chunk is summed in ring order, so
+        the result matches another order to float rounding, as hivemind's butterfly does. A member that fails, sends
+        a piece of the wrong size or misses ``deadline`` fails it (``GatherFailed``)."""
+        members = list(members)
+        world, rank = len(members), members.index(self.peer_id)
+        if world == 1 or values.numel() == 0:  # nothing to send (every member has the same length)
+            return values.clone()
+        flat = values.detach().to(torch.float32).contiguous().clone()
+        succ, pred = members[(rank + 1) % world], members[(rank - 1) % world]
+        piece = CHUNK_BYTES // 4
+        mine = ring_plan(flat.numel(), world, rank, piece)
+        theirs = ring_plan(flat.numel(), world, (rank - 1) % world, piece)
+        tag = f"{round_}:{redo}".encode()
+
+        async def run() -> None:
+            outbox: asyncio.Queue = asyncio.Queue()
+
+            async def messages() -> AsyncIterator[averaging_pb2.AveragingData]:
+                first = True
+                while (buffer := await outbox.get()) is not None:
+                    yield averaging_pb2.AveragingData(group_id=tag if first else b"",
+                                                      tensor_part=runtime_pb2.Tensor(buffer=buffer))  # fmt: skip
+                    first = False
+
+            sending = asyncio.ensure_future(
+                self._p2p.call_protobuf_handler(succ, f"{self.name}_ring", messages(), averaging_pb2.AveragingData)
+            )
+            inbox = self._ring_queue((round_, redo, pred.to_bytes()))
+            t0, first_in = time.monotonic(), None
+            try:
+                first = sum(1 for *_, step in mine if step == 0)
+                for start, stop, _ in mine[:first]:
+                    outbox.put_nowait(flat[start:stop].numpy().tobytes())
+                for k, (start, stop, step) in enumerate(theirs):
+                    buffer = await inbox.get()
+                    first_in = first_in or time.monotonic() - t0
+                    if buffer is None or len(buffer) != 4 * (stop - start):
+                        raise GatherFailed(f"ring: {pred}'s stream ended or sent a piece of the wrong size")
+                    got = torch.frombuffer(bytearray(buffer), dtype=torch.float32)
+                    if step < world - 1:
+                        flat[start:stop] += got  # a running sum: ours added
+                    else:
+                        flat[start:stop] = got  # the finished sum of a chunk
+                    if first + k < len(mine):
+                        outbox.put_nowait(flat[start:stop].numpy().tobytes())
+                outbox.put_nowait(None)
+                received = time.monotonic() - t0
+                try:
+                    reply = await sending
+                except ValueError as e:  # hivemind's asingle(): the reply was lost as the stream closed (``_send``)
+                    if "empty iterable" not in str(e):
+                        raise
+                    return
+                if reply.code != averaging_pb2.ACCEPTED:
+                    raise GatherFailed(
+                        f"ring: {succ} refused our stream ({averaging_pb2.MessageCode.Name(reply.code)})"
+                    )
+                log.debug("ring of %d: %d pieces out; first piece in after %.2fs, all in after %.2fs, all out after "
+                          "%.2fs", world, len(mine), first_in or 0.0, received, time.monotonic() - t0)  # fmt: skip
+            finally:
+                sending.cancel()
+                self._rings.pop((round_, redo, pred.to_bytes()), None)
+
+        future = asyncio.run_coroutine_threadsafe(run(), self._loop)
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout as e:
+            future.cancel()
+            raise GatherFailed("ring: the round's deadline passed") from e
+        except GatherFailed:
+            raise
+        except Exception as e:  # noqa: BLE001 - a broken stream, a dead successor
+            raise GatherFailed(f"ring: {type(e).__name__}: {e}") from e
+        return flat
 
     # ------------------------------------------------------------------ committed start states (verification)
     def serve(self, round_: int, blob: bytes) -> None:
@@ -214,6 +355,11 @@ class PayloadMailbox:
                 del self._inbox[key]
             for r in [r for r in self._expect if r < round_]:
                 del self._expect[r]
+        self._loop.call_soon_threadsafe(self._forget_rings, round_)
+
+    def _forget_rings(self, round_: int) -> None:
+        for key in [k for k in self._rings if k[0] < round_]:
+            del self._rings[key]
 
     def exchange(
         self, round_: int, redo: int, group: Sequence[PeerID], blob: bytes, deadline: float
@@ -261,7 +407,8 @@ class PayloadMailbox:
     def close(self) -> None:
         if not self._loop.is_running():
             return
-        handlers = [(self.name, {"stream_input": True}), (f"{self.name}_evidence", {"stream_output": True})]
+        handlers = [(self.name, {"stream_input": True}), (f"{self.name}_evidence", {"stream_output": True}),
+                    (f"{self.name}_ring", {"stream_input": True})]  # fmt: skip
         stop_loop(self._loop, self._thread, close_replica(self._p2p, handlers))
         with self._cond:
             self._inbox.clear()
