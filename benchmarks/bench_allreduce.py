@@ -1,5 +1,14 @@
-"""All-reduce round time on emulated links (100 Mbit/s each way by default): locoswarm's hivemind averager vs raw hivemind
-``DecentralizedAverager`` vs a gloo ``all_reduce`` of the same tensor, against the bandwidth bound 2(N-1)/N * S/B.
+"""All-reduce round time on emulated links (100 Mbit/s each way by default), against the bandwidth bound
+2(N-1)/N * S/B, for the same fp32 tensor:
+
+- gloo's ``all_reduce`` (a ring, in C++): the reference;
+- plain TCP from Python, three patterns over one connection per pair of peers: "reduce-scatter" (the mailbox's
+  pattern: every peer sends to all others at once, twice), "shifted" (the same in n - 1 steps of one flow per
+  link) and "ring" (a pipelined ring, ``ring_plan``): what each pattern reaches without hivemind in the way;
+- raw hivemind ``DecentralizedAverager`` (its butterfly);
+- locoswarm's hivemind averager (``backend=hivemind``: matchmaking, agreement check) with
+  ``backend.allreduce=butterfly`` (hivemind's), ``mailbox`` (our reduce-scatter over hivemind's P2P) and ``ring``
+  (our pipelined ring over hivemind's P2P), with each round split into matchmaking and exchange.
 
     sudo .venv/bin/python benchmarks/bench_allreduce.py            # 2 and 4 peers, 50 MB, 100 Mbit/s links
     sudo .venv/bin/python benchmarks/bench_allreduce.py --mb 100 --peers 2
@@ -26,6 +35,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,8 +53,8 @@ def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
 class Testbed:
     """N namespaces on a shaped bridge: peer i is 10.77.<net>.<i+1>."""
 
-    def __init__(self, peers: int, net: int, rate_mbit: float):
-        self.peers, self.net, self.rate_mbit = peers, net, rate_mbit
+    def __init__(self, peers: int, net: int, rate_mbit: float, queue_ms: float = 50.0):
+        self.peers, self.net, self.rate_mbit, self.queue_ms = peers, net, rate_mbit, queue_ms
         self.bridge_ns = f"{PREFIX}-br{net}"
         self.names = [f"{PREFIX}-n{net}p{i}" for i in range(peers)]
 
@@ -70,7 +80,16 @@ class Testbed:
             sh("ip", "-n", self.bridge_ns, "link", "set", bridge_side, "up")
             # Shape both directions: the peer's egress (uplink) and the bridge port's egress (downlink). A burst
             # well above a GSO super-packet (64 KB) so tbf never drops a packet for being larger than the bucket.
-            tbf = ["root", "tbf", "rate", f"{self.rate_mbit:g}mbit", "burst", "256kb", "latency", "50ms"]
+            tbf = [
+                "root",
+                "tbf",
+                "rate",
+                f"{self.rate_mbit:g}mbit",
+                "burst",
+                "256kb",
+                "latency",
+                f"{self.queue_ms:g}ms",
+            ]
             sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", *tbf)
             sh("ip", "netns", "exec", self.bridge_ns, "tc", "qdisc", "add", "dev", bridge_side, *tbf)
 
@@ -113,6 +132,123 @@ def cpu_shares(before, after) -> dict[str, float]:
     return out
 
 
+# ---------------------------------------------------------------------------------------------- plain TCP
+def tcp_mesh(rank: int, ips: list[str], port: int) -> dict[int, socket.socket]:
+    """One TCP connection between every two peers (as libp2p keeps one per pair), used both ways."""
+    import torch.distributed as dist
+
+    server = socket.create_server((ips[rank], port + rank), backlog=len(ips))
+    dist.barrier()  # everyone listens
+    conns = {}
+    for j in range(rank + 1, len(ips)):
+        conns[j] = socket.create_connection((ips[j], port + j))
+        conns[j].sendall(bytes([rank]))
+    for _ in range(rank):
+        conn, _ = server.accept()
+        conns[conn.recv(1)[0]] = conn
+    server.close()
+    return conns
+
+
+def tcp_allreduce(data, conns: dict[int, socket.socket], rank: int, shifted: bool = False) -> None:
+    """Average ``data`` (fp32) over the mesh: send peer j its part j and sum the parts we own, then send our part to
+    everyone and collect theirs; every send and receive of a stage at once, one thread each."""
+    import threading
+
+    world = len(conns) + 1
+    flat = memoryview(data.numpy()).cast("B")
+    bounds = [len(flat) // 4 * j // world * 4 for j in range(world + 1)]
+    part = {j: flat[bounds[j] : bounds[j + 1]] for j in range(world)}
+
+    def stage(send: dict[int, memoryview], receive: dict[int, int]) -> dict[int, bytearray]:
+        if shifted:  # world - 1 steps: in step r send to rank + r, receive from rank - r (one flow per link)
+            got = {}
+            for r in range(1, world):
+                to, frm = (rank + r) % world, (rank - r) % world
+                got.update(all_at_once({to: send[to]}, {frm: receive[frm]}))
+            return got
+        return all_at_once(send, receive)
+
+    def all_at_once(send: dict[int, memoryview], receive: dict[int, int]) -> dict[int, bytearray]:
+        got = {j: bytearray(n) for j, n in receive.items()}
+
+        def recv(j: int) -> None:
+            view, at = memoryview(got[j]), 0
+            while at < len(view):
+                n = conns[j].recv_into(view[at:])
+                if not n:
+                    raise ConnectionError(f"peer {j} hung up")
+                at += n
+
+        threads = [threading.Thread(target=conns[j].sendall, args=(b,)) for j, b in send.items()]
+        threads += [threading.Thread(target=recv, args=(j,)) for j in receive]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return got
+
+    import numpy as np
+
+    others = [j for j in range(world) if j != rank]
+    got = stage({j: part[j] for j in others}, {j: len(part[rank]) for j in others})
+    mine = np.frombuffer(part[rank], dtype=np.float32).copy()
+    for j in others:
+        mine += np.frombuffer(got[j], dtype=np.float32)
+    mine /= world
+    got = stage({j: memoryview(mine).cast("B") for j in others}, {j: len(part[j]) for j in others})
+    for j in others:
+        part[j][:] = got[j]
+    part[rank][:] = memoryview(mine).cast("B")
+
+
+def tcp_ring_allreduce(data, conns: dict[int, socket.socket], rank: int, piece: int = 1 << 18) -> None:
+    """Average ``data`` (fp32) in place by a ring over the mesh's connections to the two neighbours, pipelined: a
+    piece of ``piece`` elements goes on as soon as it has arrived (and been added to)."""
+    import queue
+    import threading
+
+    import numpy as np
+
+    from locoswarm.comm.hivemind_gather import ring_plan
+
+    world = len(conns) + 1
+    flat = data.numpy()
+    succ, pred = conns[(rank + 1) % world], conns[(rank - 1) % world]
+    outbox: queue.Queue = queue.Queue()
+
+    def send() -> None:
+        while (item := outbox.get()) is not None:
+            succ.sendall(item)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    mine, theirs = ring_plan(flat.size, world, rank, piece), ring_plan(flat.size, world, (rank - 1) % world, piece)
+    first = sum(1 for *_, step in mine if step == 0)
+    for start, stop, _ in mine[:first]:
+        outbox.put(flat[start:stop].tobytes())
+    buf = bytearray(piece * 4)
+    for k, (start, stop, step) in enumerate(theirs):
+        view, at, n = memoryview(buf)[: (stop - start) * 4], 0, (stop - start) * 4
+        while at < n:
+            got = pred.recv_into(view[at:])
+            if not got:
+                raise ConnectionError("predecessor hung up")
+            at += got
+        values = np.frombuffer(view, dtype=np.float32)
+        if step < world - 1:  # a running sum: add ours; the last one completes the chunk we average
+            flat[start:stop] += values
+            if step == world - 2:
+                flat[start:stop] /= world
+        else:
+            flat[start:stop] = values
+        if first + k < len(mine):
+            assert mine[first + k][:2] == (start, stop)
+            outbox.put(flat[start:stop].tobytes())
+    outbox.put(None)
+    sender.join()
+
+
 # ---------------------------------------------------------------------------------------------- one peer
 def worker(args: argparse.Namespace) -> None:
     import datetime
@@ -124,6 +260,7 @@ def worker(args: argparse.Namespace) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format=f"[rank {args.rank}] %(asctime)s %(name)s: %(message)s")
+    logging.getLogger("locoswarm.comm.hivemind_gather").setLevel(logging.DEBUG)  # the ring's timings
     rank, world = args.rank, args.world
     os.environ.update(MASTER_ADDR=args.master, MASTER_PORT=str(args.port), RANK=str(rank), WORLD_SIZE=str(world))
     os.environ["GLOO_SOCKET_IFNAME"] = "eth0"  # the shaped link, not the namespace's loopback
@@ -148,6 +285,17 @@ def worker(args: argparse.Namespace) -> None:
     # gloo ring all-reduce of the same tensor.
     buf = data.clone()
     timed("gloo all_reduce", lambda: dist.all_reduce(buf))
+
+    # The mailbox's pattern (reduce-scatter, then all-gather, each peer sending to all others at once) over plain
+    # TCP from Python: what that pattern reaches on these links without hivemind's P2P in the way.
+    ips: list = [None] * world
+    dist.all_gather_object(ips, args.ip)
+    conns = tcp_mesh(rank, ips, args.port + 100)
+    timed("python TCP reduce-scatter", lambda: tcp_allreduce(data.clone(), conns, rank))
+    timed("python TCP shifted", lambda: tcp_allreduce(data.clone(), conns, rank, shifted=True))
+    timed("python TCP ring", lambda: tcp_ring_allreduce(data.clone(), conns, rank))
+    for c in conns.values():
+        c.close()
 
     from hivemind.averaging import DecentralizedAverager
     from hivemind.compression import NoCompression
@@ -199,7 +347,7 @@ def worker(args: argparse.Namespace) -> None:
     weight = torch.ones(1)
     stacked = [data.clone().unsqueeze(0)]
     groups: list[int] = []
-    for allreduce in ("butterfly", "mailbox"):
+    for allreduce in ("butterfly", "mailbox", "ring"):
         maddrs: list = [None]
         cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id=f"benchls{allreduce}")
         cfg.allreduce = allreduce
@@ -223,8 +371,8 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(peers: int, mb: float, rate_mbit: float, tmp: Path) -> dict[str, list[float]]:
-    bed = Testbed(peers, net=peers, rate_mbit=rate_mbit)
+def run(peers: int, mb: float, rate_mbit: float, queue_ms: float, tmp: Path) -> dict[str, list[float]]:
+    bed = Testbed(peers, net=peers, rate_mbit=rate_mbit, queue_ms=queue_ms)
     procs: list[subprocess.Popen] = []
     try:
         bed.up()
@@ -261,6 +409,12 @@ def main() -> None:
     p.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     p.add_argument("--mb", type=float, default=50.0, help="tensor size in MB (fp32)")
     p.add_argument("--rate", type=float, default=100.0, help="each link's rate in Mbit/s, both ways")
+    p.add_argument(
+        "--queue-ms",
+        type=float,
+        default=50.0,
+        help="tbf's queue limit, as the delay a full queue adds (ms): deep queues delay acknowledgements",
+    )
     p.add_argument("--logs", type=Path, default=None, help="keep each peer's log in this folder")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
@@ -276,14 +430,16 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: (cleanup_all(), sys.exit(130)))
     size = args.mb * 1e6
-    print(f"tensor {args.mb:g} MB fp32, links {args.rate:g} Mbit/s each way (tc tbf), bound = 2(N-1)/N * S/B")
+    print(
+        f"tensor {args.mb:g} MB fp32, links {args.rate:g} Mbit/s each way (tc tbf, queue {args.queue_ms:g} ms), bound = 2(N-1)/N * S/B"
+    )
     print(f"{'peers':>5}  {'method':<32} {'bound s':>8} {'round 1 s':>10} {'round 2 s':>10} {'bound/round 2':>14}")
     try:
         with tempfile.TemporaryDirectory(prefix="lsbench") as d:
             for n in args.peers:
                 if args.logs is not None:
                     args.logs.mkdir(parents=True, exist_ok=True)
-                res = run(n, args.mb, args.rate, args.logs or Path(d))
+                res = run(n, args.mb, args.rate, args.queue_ms, args.logs or Path(d))
                 bound = 2 * (n - 1) / n * size * 8 / (args.rate * 1e6)
                 for name, times in res.items():
                     if name.startswith("_") and not name.startswith("_exchange"):
