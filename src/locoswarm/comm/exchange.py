@@ -122,11 +122,17 @@ class LocalCodecs:
         return [c.encode(t) for c, t in zip(codecs, tensors, strict=True)]
 
     # ------------------------------------------------------------------ summable codecs: all-reduce the wire buffer
-    def wire_values(self, payloads: Sequence[Payload]) -> torch.Tensor:
-        """The payloads' ``values`` buffers as one flat tensor in their (common) wire dtype."""
+    @staticmethod
+    def wire_dtype(payloads: Sequence[Payload]) -> torch.dtype:
+        """The (common) wire dtype of the payloads' ``values`` buffers, without building ``wire_values``."""
         dtypes = {p.buffers["values"].dtype for p in payloads}
         if len(dtypes) != 1:
             raise ValueError(f"summable payloads of one worker must share a wire dtype, got {sorted(map(str, dtypes))}")
+        return dtypes.pop()
+
+    def wire_values(self, payloads: Sequence[Payload]) -> torch.Tensor:
+        """The payloads' ``values`` buffers as one flat tensor in their (common) wire dtype."""
+        self.wire_dtype(payloads)
         return torch.cat([p.buffers["values"].reshape(-1) for p in payloads])
 
     def decode_values(self, summed: torch.Tensor, payloads: Sequence[Payload]) -> list[torch.Tensor]:

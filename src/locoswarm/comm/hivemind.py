@@ -693,14 +693,10 @@ class HivemindAverager(Averager):
             elif path == "allreduce" and self.cfg.allreduce == "mailbox" and codecs.reducible:
                 mode = "reduce"  # fp32: reduce-scatter over our mailbox (comm/exchange.py), not the butterfly
                 averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
-            elif (
-                path == "allreduce"
-                and self.cfg.allreduce == "ring"
-                and codecs.wire_values(payloads).dtype == torch.float32
-            ):
+            elif path == "allreduce" and self.cfg.allreduce == "ring" and codecs.wire_dtype(payloads) == torch.float32:
                 mode = "ring"  # fp32: a pipelined ring over our mailbox's streams (comm/hivemind_gather.py)
                 averager = self._averager_for(key, [torch.zeros(1)], NoCompression(), target)
-            elif path == "allreduce" and codecs.wire_values(payloads).dtype in BUTTERFLY_WIRE:
+            elif path == "allreduce" and codecs.wire_dtype(payloads) in BUTTERFLY_WIRE:
                 mode = "butterfly"
                 wire = codecs.wire_values(payloads)
                 averager = self._averager_for(key, [wire.to(torch.float32)], BUTTERFLY_WIRE[wire.dtype], target)
@@ -850,8 +846,9 @@ class HivemindAverager(Averager):
         members' worker ranks, total weight, bytes sent, rejected rank -> reason). ``mode``: "butterfly"
         all-reduces the summable wire values in the DecentralizedAverager; "gather" (all-gather), "reduce"
         (re-quantising reduce-scatter) and "ring" (fp32 ring all-reduce) send the payloads peer to peer
-        (comm/hivemind_gather.py) and the DecentralizedAverager only forms the group. ``path``: ``aggregate.exchange_path``'s, which decides how the
-        gathered rows are combined. ``gossip``: a gossip round's member ranks (only they meet), None: the swarm."""
+        (comm/hivemind_gather.py) and the DecentralizedAverager only forms the group. ``path``:
+        ``aggregate.exchange_path``'s, which decides how the gathered rows are combined. ``gossip``: a gossip round's
+        member ranks (only they meet), None: the swarm."""
         if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
             blob = codecs.pack(payloads)
