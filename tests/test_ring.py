@@ -93,6 +93,18 @@ def test_two_real_mailboxes_sum_by_the_ring_and_a_missing_member_fails_the_round
         assert torch.equal(out[0], out[1]), "both hold the same sum (a ring of two adds each chunk once)"
         assert torch.allclose(out[0], values[0] + values[1], rtol=0, atol=1e-6)
         assert all(torch.equal(v, b) for v, b in zip(values, before, strict=True)), "the callers' tensors are unchanged"
+        # one element between two: one member has nothing to forward and ends its stream at once, the other after
+        # its only piece; both still hold the sum
+        tiny = [torch.tensor([1.5]), torch.tensor([-4.0])]
+        for b in boxes:
+            b.expect(3, 4)
+        threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, boxes[i].ring_sum(
+            3, 0, members, tiny[i], deadline=time.monotonic() + 60))) for i in range(2)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        assert out[0].tolist() == out[1].tolist() == [-2.5]
         # the other member never enters round 2: the ring fails by its deadline instead of hanging
         boxes[0].expect(2, 4 * numel)
         t0 = time.monotonic()

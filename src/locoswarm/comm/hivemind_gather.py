@@ -206,7 +206,13 @@ class PayloadMailbox:
         return averaging_pb2.AveragingData(code=averaging_pb2.ACCEPTED)
 
     def ring_sum(
-        self, round_: int, redo: int, members: Sequence[PeerID], values: torch.Tensor, deadline: float
+        self,
+        round_: int,
+        redo: int,
+        members: Sequence[PeerID],
+        values: torch.Tensor,
+        deadline: float,
+        in_place: bool = False,
     ) -> torch.Tensor:
         """The sum of every member's ``values`` (fp32, one flat tensor of the same length on every member) by a ring
         all-reduce (``ring_plan``): one stream to the next member in ``members`` for the whole round, each piece sent
@@ -214,12 +220,15 @@ class PayloadMailbox:
         gloo's ring; the all-to-all of the reduce-scatter (n - 1 flows per link, and idle links between its two
         stages) stays well below link rate (benchmarks/bench_allreduce.py). Each chunk is summed in ring order, so
         the result matches another order to float rounding, as hivemind's butterfly does. A member that fails, sends
-        a piece of the wrong size or misses ``deadline`` fails it (``GatherFailed``)."""
+        a piece of the wrong size or misses ``deadline`` fails it (``GatherFailed``). ``in_place``: sum into
+        ``values`` (a contiguous fp32 tensor the caller gives up) instead of a copy."""
         members = list(members)
         world, rank = len(members), members.index(self.peer_id)
         if world == 1 or values.numel() == 0:  # nothing to send (every member has the same length)
             return values.clone()
-        flat = values.detach().to(torch.float32).contiguous().clone()
+        flat = values.detach().to(torch.float32).contiguous()
+        if not in_place and flat.data_ptr() == values.data_ptr():
+            flat = flat.clone()  # the caller's tensor stays as it was
         succ, pred = members[(rank + 1) % world], members[(rank - 1) % world]
         piece = CHUNK_BYTES // 4
         mine = ring_plan(flat.numel(), world, rank, piece)
@@ -245,6 +254,8 @@ class PayloadMailbox:
                 first = sum(1 for *_, step in mine if step == 0)
                 for start, stop, _ in mine[:first]:
                     outbox.put_nowait(flat[start:stop].numpy().tobytes())
+                if first == len(mine):  # nothing to forward (fewer elements than members): end the stream now
+                    outbox.put_nowait(None)
                 for k, (start, stop, step) in enumerate(theirs):
                     buffer = await inbox.get()
                     first_in = first_in or time.monotonic() - t0
@@ -257,7 +268,10 @@ class PayloadMailbox:
                         flat[start:stop] = got  # the finished sum of a chunk
                     if first + k < len(mine):
                         outbox.put_nowait(flat[start:stop].numpy().tobytes())
-                outbox.put_nowait(None)
+                        if first + k + 1 == len(mine):
+                            # all ours is queued: end the stream now, so its reply comes while we still receive (the
+                            # successor's reader counts pieces and never waits for the end)
+                            outbox.put_nowait(None)
                 received = time.monotonic() - t0
                 try:
                     reply = await sending
@@ -357,6 +371,11 @@ class PayloadMailbox:
                 del self._expect[r]
         self._loop.call_soon_threadsafe(self._forget_rings, round_)
 
+    def expecting(self, round_: int) -> bool:
+        """Whether ``round_`` is the round this mailbox was last told to expect (its payloads went through it)."""
+        with self._cond:
+            return round_ in self._expect and round_ >= self._oldest_round
+
     def _forget_rings(self, round_: int) -> None:
         for key in [k for k in self._rings if k[0] < round_]:
             del self._rings[key]
@@ -379,9 +398,11 @@ class PayloadMailbox:
         send: dict[PeerID, bytes],
         receive_from: Iterable[PeerID],
         deadline: float,
+        partial: bool = False,
     ) -> dict[PeerID, bytes]:
         """Send ``send[p]`` to each peer p and wait for one payload of this round and ``stage`` from each of
-        ``receive_from``; returns them by sender. Misses ``deadline`` (``time.monotonic()``): ``GatherFailed``."""
+        ``receive_from``; returns them by sender. Misses ``deadline`` (``time.monotonic()``): ``GatherFailed``, or
+        with ``partial`` what arrived by then (and ours go on being sent in the background)."""
         expected = [p for p in receive_from if p != self.peer_id]
         tag = f"{round_}:{redo}:{stage}".encode()
         send = {p: b for p, b in send.items() if p != self.peer_id}
@@ -392,6 +413,8 @@ class PayloadMailbox:
                 lambda: all(k in self._inbox for k in keys.values()), timeout=max(0.0, deadline - time.monotonic())
             )
             got = {p: self._inbox.pop(k) for p, k in keys.items() if k in self._inbox}
+        if partial:
+            return got
         if not arrived:
             sending.cancel()
             missing = [str(p) for p in expected if p not in got]
