@@ -230,3 +230,109 @@ def test_a_peer_behind_the_swarm_gives_up_its_round_at_once():
     (res,) = _run(_behind_peer, f"behind{os.getpid()}", timeout=120.0)
     assert res["group"] == 0 and res["zero"] and res["in_sync"] is False and res["finished"] == 1, res
     assert any("every other peer is past round 1 or has left" in m for m in res["log"]), res["log"]
+
+
+# ---------------------------------------------------------------------------------------------- groups formed early
+def _early_peer(index: int, run_id: str, peers_q, out_q) -> None:
+    import logging
+
+    from locoswarm.comm.hivemind import HivemindAverager
+    from locoswarm.config import BackendConfig
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.set_start_method("fork", force=True)
+    messages: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    logging.getLogger("locoswarm.comm.hivemind").addHandler(Keep())
+    logging.getLogger("locoswarm.comm.hivemind").setLevel(logging.INFO)
+    averager = None
+    try:
+        initial = [] if index == 0 else peers_q.get(timeout=120)
+        cfg = BackendConfig(name="hivemind", run_id=run_id, initial_peers=initial, allreduce="ring",
+                            first_round_timeout=60.0)  # fmt: skip
+        averager = HivemindAverager(cfg, workers=2, rank=index)
+        if index == 0:
+            peers_q.put(averager.maddrs)
+        weight = torch.tensor([float(index + 1)])
+        rounds = []
+        for r in range(3):
+            averager.prepare(weight)  # as diloco does when a phase begins
+            time.sleep(1.0)  # the phase's inner steps
+            out = averager.average([t.unsqueeze(0) for t in _inputs(index, r)], weight)
+            averager.round_boundary()
+            rounds.append({"tensors": [t.numpy().copy() for t in out.tensors], "group": out.group_size})
+        out_q.put((index, {"rounds": rounds, "early": averager.early_groups, "log": messages}, None))
+    except BaseException:  # noqa: BLE001
+        out_q.put((index, None, traceback.format_exc()))
+    finally:
+        if averager is not None:
+            averager.close()
+
+
+def test_a_prepared_round_forms_its_group_during_the_phase_and_averages_the_same():
+    """``Averager.prepare`` (diloco calls it when a phase begins): from the second round on (a phase measured, the
+    key's mode known), two real peers with ``backend.allreduce=ring`` form each round's group before its payload
+    exists, and the round still gives the weighted mean of both peers' inputs (as the sim does, to float rounding:
+    the ring sums in its own order). The first round, with nothing measured yet, forms its group when it starts."""
+    got = _run(_early_peer, f"early{os.getpid()}", peers=2)
+    for res in got:
+        assert res["early"] == 2, res["log"]
+        assert sum("began forming" in m for m in res["log"]) == 2, res["log"]
+        for r, rnd in enumerate(res["rounds"]):
+            assert rnd["group"] == 2
+            for mine, a, b in zip(rnd["tensors"], _inputs(0, r), _inputs(1, r), strict=True):
+                torch.testing.assert_close(torch.from_numpy(mine), (1 * a + 2 * b) / 3, rtol=1e-6, atol=1e-6)
+
+
+def _sketch_pair(index: int, run_id: str, peers_q, out_q) -> None:
+    import threading
+    from dataclasses import replace
+
+    from locoswarm.comm.hivemind import HivemindAverager
+    from locoswarm.config import BackendConfig
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.set_start_method("fork", force=True)
+    pair = []
+    try:
+        cfg = BackendConfig(name="hivemind", run_id=run_id)
+        pair.append(HivemindAverager(cfg, workers=2, rank=0))
+        pair.append(HivemindAverager(replace(cfg, initial_peers=pair[0].maddrs), workers=2, rank=1))
+        group = [a._mailbox_for().peer_id for a in pair]
+        mean = _inputs(0, 0)
+        results = {}
+        for number, shift in ((1, 0.0), (2, 1e-3)):  # the same average; then peer 1's differs in every value
+            for a in pair:
+                a._mailbox.expect(number, 1 << 16)
+            agreed = {}
+
+            def check(i: int, number=number, shift=shift, agreed=agreed) -> None:
+                agreed[i] = pair[i]._check_agreement(number, 0, [t + i * shift for t in mean], group)
+
+            threads = [threading.Thread(target=check, args=(i,)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            results[number] = {"agreed": [agreed.get(i) for i in range(2)],
+                               "clusters": [len(a._clusters) for a in pair],
+                               "in_dht": pair[0].dht.get(f"{run_id}_sketch{number}_0") is not None}  # fmt: skip
+        out_q.put((index, results, None))
+    except BaseException:  # noqa: BLE001
+        out_q.put((index, None, traceback.format_exc()))
+    finally:
+        for a in pair:
+            a.close()
+
+
+def test_the_agreement_check_goes_peer_to_peer_after_a_mailbox_exchange():
+    """After an exchange through the mailbox (ring, reduce-scatter, all-gather), the group compares sketches of its
+    average by one message to each groupmate instead of through the DHT: two real peers holding the same average
+    agree, and holding different ones both see two clusters (and the round would be re-run)."""
+    (res,) = _run(_sketch_pair, f"sketch{os.getpid()}")
+    assert res[1] == {"agreed": [True, True], "clusters": [1, 1], "in_dht": False}, res
+    assert res[2] == {"agreed": [False, False], "clusters": [2, 2], "in_dht": False}, res

@@ -18,7 +18,7 @@ Where the start state comes from is the one difference between the two verifiers
 - ``LocalReplay`` (the sim backend, every worker in this process): the chosen workers' state is copied before the
   phase, and each is checked before the round, so a worker caught in phase r is already out of round r.
 - ``PeerReplay`` (a real swarm, ``backend=hivemind``): a worker's optimiser state never leaves its peer unasked,
-  so every peer *commits* to its phase's start state: before the round it hands the averager the serialised state,
+  so every peer *commits* to its phase's start state: when the phase starts it hands the averager the serialised state,
   whose SHA-256 goes into the round's metadata, and serves those bytes on request for the next round. After the
   round every member verifies the chosen groupmates: it fetches the start state, checks it against the
   commitment made before the peer could know it would be checked, replays from the anchor they all shared, and
@@ -146,20 +146,15 @@ class PeerReplay(Verifier):
                  replica: Callable[[int], Worker], inner_steps: int):  # fmt: skip
         super().__init__(fraction, tolerance, seed)
         self.averager, self.replica, self.inner_steps = averager, replica, inner_steps
-        self._start: bytes | None = None
 
     def phase_starts(self, group: WorkerGroup, phase: int) -> None:
         if not isinstance(group, WorkerGroup) or group.size != 1:
             raise ValueError("verification on a real swarm needs one worker per process, backend.execution=sequential")
         buf = io.BytesIO()
         torch.save(group.workers[0].state_dict(), buf)
-        self._start = buf.getvalue()
-
-    def before_round(self, group: WorkerGroup, anchor, claimed: Sequence[int], sent, phase: int) -> dict[int, str]:
-        assert self._start is not None, "phase_starts was not called"
-        self.averager.commit(self._start)  # the round we start next carries its hash and serves it
-        self._start = None
-        return {}
+        # the round this phase ends in carries its hash and serves it; committed now, not after the phase, since a
+        # real swarm may form that round's group (and gather its metadata) while the phase runs (Averager.prepare)
+        self.averager.commit(buf.getvalue())
 
     def after_round(self, anchor, phase: int) -> dict[int, str]:
         evidence = self.averager.evidence()

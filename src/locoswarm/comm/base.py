@@ -162,6 +162,10 @@ class Averager(ABC):
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__)
         return Pending(self._executor.submit(fn, *args))
 
+    def prepare(self, weights: torch.Tensor, *, key: str = DEFAULT_KEY) -> None:  # noqa: B027 - optional hook
+        """A hint, given when a phase begins: the next round started is a swarm round of ``key`` with ``weights``. A
+        real swarm may form that round's group while the phase runs (comm/hivemind.py); the result is the same."""
+
     def average(self, tensors: Sequence[torch.Tensor], weights: torch.Tensor, **kw) -> Round:
         """tensors: per parameter (L, *shape); weights: (L,) non-negative. Returns the group's weighted mean."""
         return self.start(tensors, weights, **kw).wait()

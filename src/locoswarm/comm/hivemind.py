@@ -12,6 +12,18 @@ Rounds
     peer to arrive waits ``window`` seconds unless all ``workers`` peers have arrived earlier. The average is
     weighted by the tokens each peer processed.
 
+Groups formed during the phase (``prepare``: diloco calls it when a phase begins)
+    Where the DecentralizedAverager only forms the group (every mode but the butterfly: the payload travels peer to
+    peer), a round's matchmaking needs no payload, only its metadata (weight, round, rank, commitment), which is
+    known when the phase begins. So the group of a prepared round begins forming a lead (3x the last matchmaking,
+    2-10 s) before the payload is due by our measured phase, while the last inner steps run, and the exchange starts
+    as soon as the payload is there: matchmaking leaves the round's critical path. Peers still arrive as far apart
+    as their payloads do, and a group waits for latecomers until the window has passed after the expected payload,
+    as unprepared (a full group forms at once). What changes: a member of a formed group whose payload is then
+    later than the window plus the all-reduce allowance fails the round for the group (unprepared, the group would
+    have formed without it). Not from a key's first round (its mode and the phase are unknown), nor with a round in
+    flight. The sketches of the agreement check then go peer to peer too (one message to each groupmate).
+
 Gossip rounds (``start(..., group=ranks)``: noloco's pairs)
     Only the group's peers meet: the group's tag (its lowest rank) follows the round number in the group bits, and
     the averager's target size is the group's (one averager per size), so a pair forms as soon as both arrive. A
@@ -83,8 +95,8 @@ Failures
     ``DecentralizedAverager.step`` raises on failure (its docstring says it returns None) and, worse, a peer that
     dies mid-all-reduce (or a hivemind hiccup: we have seen "received 85% results" with every peer alive) makes
     the others finish with *their own* values for the lost part, silently. So after every all-reduce the group
-    compares a sketch of the average through the DHT (float64 norms of 16 slices of a strided subsample); if
-    they differ, the whole group re-runs the round on its original inputs (up to twice); if they still differ,
+    compares a sketch of the average (float64 norms of 16 slices of a strided subsample) through the DHT after
+    the butterfly, peer to peer after an exchange through the mailbox; if they differ, the whole group re-runs the round on its original inputs (up to twice); if they still differ,
     the majority's average stands and the others are marked out of sync. A round that raises or misses its
     deadline applies a *zero* update while other peers are alive (all peers that missed it stay equal to each
     other) and marks the peer out of sync; alone, it is a group of one. A round whose zero update is applied
@@ -258,6 +270,20 @@ class RoundFailed(Exception):
         self.rejected = dict(rejected or {})
 
 
+@dataclasses.dataclass
+class _EarlyGroup:
+    """The group of a round formed before its payload exists (``HivemindAverager.prepare``)."""
+
+    key: str
+    number: int  # the round it is for
+    weight: float  # the weight its matchmaking metadata announced
+    averager: DecentralizedAverager
+    due: threading.Event  # set when the round starts or is abandoned: forming the group may wait no longer
+    abandoned: bool = False
+    control: Any = None  # hivemind's StepControl, once matchmaking has begun
+    began: float = 0.0  # time.monotonic() when matchmaking began
+
+
 class RoundClock:
     """Deadlines from measured round times (see the module docstring)."""
 
@@ -270,6 +296,8 @@ class RoundClock:
         self._last_boundary = time.monotonic()
         self._last_start: float | None = None
         self._startup = 0.0  # seconds spent starting an averager for the coming round (once)
+        self.phase: float | None = None  # EMA of the seconds from ``prepare`` to its round's start (the inner steps)
+        self.matchmaking: float | None = None  # the last round's matchmaking seconds
 
     def started_averager(self, seconds: float) -> None:
         self._startup = seconds
@@ -317,6 +345,21 @@ class RoundClock:
             self.spread = spread if self.spread is None else max(spread, 0.8 * self.spread)
         if allreduce_seconds is not None:
             self.max_allreduce = max(self.max_allreduce or 0.0, allreduce_seconds)
+
+    def observe_phase(self, seconds: float) -> None:
+        self.phase = seconds if self.phase is None else 0.7 * self.phase + 0.3 * seconds
+
+    def early_start(self, prepared_at: float) -> tuple[float, float] | None:
+        """When to begin forming a prepared round's group (``HivemindAverager.prepare``), and when its payload is
+        expected (our measured phase after ``prepared_at``): a lead before it, so the group is formed when the
+        payload is ready, and peers still arrive in matchmaking as far apart as their payloads are (the window's
+        spread stays meaningful). None: no phase measured yet (the group forms when the round starts)."""
+        if self.phase is None:
+            return None
+        # hivemind took up to 1.2 s to form a group of 4 whose expiration lay seconds ahead (bench_allreduce)
+        lead = min(10.0, max(2.0, 3 * (self.matchmaking or 0.0)))
+        expected = prepared_at + self.phase
+        return max(prepared_at, expected - lead), expected
 
     def missed(self) -> None:
         """Our round failed or left out live peers: the spread was larger than we thought; double the window."""
@@ -484,6 +527,11 @@ class HivemindAverager(Averager):
         self._snapshot: tuple[dict, list[torch.Tensor]] | None = None
         self._resync: Any = None  # MPFuture of a state download in flight
         self._clusters: list[list[bytes]] = []
+        # ``prepare``: the last swarm round's (mode, averager) per key, and the next round's group formed early
+        self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager]] = {}
+        self._early: _EarlyGroup | None = None
+        self._prepared_at: float | None = None
+        self.early_groups = 0  # rounds whose group formed before their payload existed
         self._closed = False
         self._dht_lock = threading.Lock()  # see "Threads" in the module docstring
         # Who we are and whom we admit (comm/identity.py): our records are signed with our libp2p key.
@@ -647,6 +695,72 @@ class HivemindAverager(Averager):
         # its processes with signal.signal, which only the main thread may call. The network part runs behind.
         return self._submit(self._finish, self._prepare(list(tensors), weights, key, group))
 
+    def prepare(self, weights: torch.Tensor, *, key: str = DEFAULT_KEY) -> None:
+        """The next round started is a swarm round of ``key`` with ``weights``: form its group while the phase's last
+        inner steps run, not after them (matchmaking is 0.15-0.4 s of a 7 s round on 100 Mbit/s links:
+        benchmarks/bench_allreduce.py). Only where the group forms apart from the payload (every mode but the
+        butterfly, whose all-reduce needs the payload at matchmaking), from the key's second round (the mode is its
+        last round's, and ``RoundClock.early_start`` needs a measured phase), with no round in flight. A start that
+        does not match it (another key or round; another weight) abandons the early group."""
+        if self._early is not None:
+            self._abandon_early(self._early, "prepared again before its round started")
+        self._prepared_at = time.monotonic()
+        swarm_round = self._swarm_rounds.get(key)
+        when = self.clock.early_start(self._prepared_at)
+        if swarm_round is None or swarm_round[0] == "butterfly" or when is None or weights.numel() != 1:
+            return
+        with self._rollback_lock:
+            if any(self._pending.values()):  # a round in flight: the next start need not be this one
+                return
+        self._early = _EarlyGroup(key, self.round + 1, float(weights[0]), swarm_round[1], threading.Event())
+        self._submit(self._form_early, self._early, *when)
+
+    def _form_early(self, early: _EarlyGroup, begin: float, expected: float) -> None:
+        """Background thread: at ``begin`` (or when the round starts, if sooner) begin its matchmaking. The group
+        waits for latecomers until the window has passed after the payload is ``expected``, as it would unprepared
+        (a peer that did not prepare, a joiner's first round, arrives then); a full group forms at once."""
+        early.due.wait(timeout=max(0.0, begin - time.monotonic()))
+        if early.abandoned or self._closed:
+            return
+        wait = self.clock.window() + max(0.0, expected - time.monotonic())
+        try:
+            early.control = self._matchmake(early.averager, [torch.zeros(1)], early.number, 0, None, early.weight,
+                                            wait, wait + 4 * self._request_timeout + 1.0)  # fmt: skip
+            early.began = time.monotonic()
+        except Exception as e:  # noqa: BLE001 - the averager process is gone: the round looks for its group itself
+            log.info("round %d: could not begin forming its group early: %s", early.number, e)
+
+    def _abandon_early(self, early: _EarlyGroup, why: str) -> None:
+        """Main thread: the early group will not be used; the background thread cancels its matchmaking."""
+        early.abandoned = True
+        early.due.set()
+        if self._early is early:
+            self._early = None
+        self._submit(self._drop_early, early, why)
+
+    @staticmethod
+    def _drop_early(early: _EarlyGroup, why: str) -> None:
+        if early.control is None:
+            return
+        formed = early.control.stage not in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP)
+        early.control.cancel()
+        # its other members wait for us until their deadline and fail the round: rare (a strategy's start that
+        # does not match its prepare), and never a wrong average
+        (log.warning if formed else log.info)("round %d: abandoned the group formed early (%s)", early.number, why)
+
+    def _take_early(self, number: int, averager: DecentralizedAverager, weight: float) -> _EarlyGroup | None:
+        """Background thread, a round's first attempt: the group formed early for it, if it can be used."""
+        early = self._early
+        if early is None or early.number != number:
+            return None
+        self._early = None
+        if early.abandoned or early.control is None or early.averager is not averager or early.weight != weight:
+            self._drop_early(early, f"round {number} has weight {weight}, not the {early.weight} announced"
+                             if early.weight != weight else "it could not begin")  # fmt: skip
+            return None
+        self.early_groups += 1
+        return early
+
     def _round(self, tensors: list[torch.Tensor], weights: torch.Tensor, key: str, ranks) -> Round:
         return self._finish(self._prepare(tensors, weights, key))
 
@@ -670,6 +784,14 @@ class HivemindAverager(Averager):
         self.clock.entering_round()
         number = self.round + 1  # every peer starts the same rounds in the same order: a swarm-wide sequence
         self.round = number
+        if self._prepared_at is not None:
+            self.clock.observe_phase(time.monotonic() - self._prepared_at)
+            self._prepared_at = None
+        if self._early is not None:
+            if (self._early.key, self._early.number, group) != (key, number, None):
+                self._abandon_early(self._early, f"the round started is {key!r} {number}")
+            else:
+                self._early.due.set()  # the payload is here: begin forming the group now if not yet begun
         job: dict[str, Any] = {"key": key, "number": number, "codecs": codecs, "unsent": None, "group": members}
         # rounds are counted from 0 for shared randomness, as on sim and torch
         with self._rollback_lock:  # the background thread may be rolling back an earlier round of this key
@@ -706,6 +828,8 @@ class HivemindAverager(Averager):
         except BaseException:
             self._settle(job, rolled_back=True)  # the round never starts: nothing of its encode was sent
             raise
+        if members is None and averager is not None:  # what ``prepare`` forms the next round's group with
+            self._swarm_rounds[key] = (mode, averager)
         job.update(weight=weight, local=local, devices=[t.device for t in tensors], payloads=payloads, mode=mode,
                    path=path, averager=averager, t0=time.monotonic())  # fmt: skip
         return job
@@ -851,10 +975,13 @@ class HivemindAverager(Averager):
         member ranks (only they meet), None: the swarm."""
         if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
-            blob = codecs.pack(payloads)
             mailbox = self._mailbox_for()
-            # no slice or chunk is larger than the whole payload; a reduced chunk carries its owner's screening
-            mailbox.expect(number, len(blob) + (REPORT_LIMIT if mode == "reduce" else 0))
+            if mode == "ring":  # fp32 wire values, never packed (a 2x copy of the payload on the critical path)
+                blob, limit = b"", 4 * sum(p.buffers["values"].numel() for p in payloads)
+            else:  # no slice or chunk is larger than the whole payload; a reduced chunk carries its owner's screening
+                blob = codecs.pack(payloads)
+                limit = len(blob) + (REPORT_LIMIT if mode == "reduce" else 0)
+            mailbox.expect(number, limit)
         else:
             # exact: fp16 values widen to fp32 and Float16Compression narrows back
             local = [codecs.wire_values(payloads).to(torch.float32)]
@@ -868,36 +995,24 @@ class HivemindAverager(Averager):
         redo = 0  # re-runs after the group's averages disagreed; the whole group counts them in lockstep
         while True:
             attempt += 1
-            # Copy in every attempt: a failed all-reduce may have left a partial average in the buffers.
-            with averager.get_tensors() as buffers:
-                for b, t in zip(buffers, local, strict=True):
-                    b.copy_(t)
-            key = (number % (1 << ROUND_BITS)) << REDO_BITS | min(redo, (1 << REDO_BITS) - 1)
-            bits = format(key, f"0{ROUND_BITS + REDO_BITS}b")
-            if gossip is not None:
-                bits += format(min(gossip) % (1 << GROUP_BITS), f"0{GROUP_BITS}b")
-            averager.set_group_bits(bits)
             remaining = give_up - time.monotonic()
             if remaining <= 1.0:
                 raise RoundFailed(f"no time left for attempt {attempt}")
-            wait = min(window, remaining / 2)
-            # Finding a group may take the window plus a few request round-trips, not the all-reduce allowance:
-            # a peer that arrives after its group has left should give up and resync, not wait it out.
-            find_timeout = min(remaining, wait + 4 * self._request_timeout + 1.0)
-            metadata = self._metadata(number, weight)
-            try:
-                control = averager.step(
-                    gather=metadata,
-                    scheduled_time=get_dht_time() + wait,
-                    weight=weight,
-                    timeout=find_timeout,
-                    allow_retries=False,  # hivemind's retry would re-run on a half-averaged buffer
-                    wait=False,
-                )
-            except Exception as e:  # noqa: BLE001 - the step's setup failed (averager process gone)
-                raise RoundFailed(f"could not start: {type(e).__name__}: {e}") from e
-            started_allreduce = None
+            early = self._take_early(number, averager, weight) if attempt == 1 else None
             t_step = time.monotonic()
+            if early is not None:  # ``prepare``: the group has been forming since before the payload existed
+                control = early.control
+                log.info("round %d: its group began forming %.2fs before the round", number, t_step - early.began)
+            else:
+                wait = min(window, remaining / 2)
+                # Finding a group may take the window plus a few request round-trips, not the all-reduce allowance:
+                # a peer that arrives after its group has left should give up and resync, not wait it out.
+                find_timeout = min(remaining, wait + 4 * self._request_timeout + 1.0)
+                try:
+                    control = self._matchmake(averager, local, number, redo, gossip, weight, wait, find_timeout)
+                except Exception as e:  # noqa: BLE001 - the step's setup failed (averager process gone)
+                    raise RoundFailed(f"could not start: {type(e).__name__}: {e}") from e
+            started_allreduce = None
             gathered = None
             while gathered is None:
                 try:
@@ -959,7 +1074,7 @@ class HivemindAverager(Averager):
             rejected = {**dropped, **rejected}
             self.clock.observe(spread, done - started_allreduce if started_allreduce is not None else None)
             t_check = time.monotonic()
-            agreed = self._check_agreement(f"{number}_{redo}", mean, [p.to_bytes() for p in group])
+            agreed = self._check_agreement(number, redo, mean, list(group))
             if not agreed and redo < MAX_REDOS and time.monotonic() + 1.0 < give_up:
                 # Every member saw the same sketches, so all re-run the round together on their original inputs.
                 redo += 1
@@ -968,6 +1083,8 @@ class HivemindAverager(Averager):
             if not agreed:
                 self._adopt_majority(number)
             matched = started_allreduce if started_allreduce is not None else done
+            if early is None:  # the time forming a group takes: ``prepare`` begins that much (x3) ahead
+                self.clock.matchmaking = matched - t_step
             log.info(
                 "round %d: group of %d (ranks %s): matchmaking %.2fs, all-reduce %.2fs, check %.2fs (window %.1fs)",
                 number,
@@ -985,6 +1102,37 @@ class HivemindAverager(Averager):
             if n < expected:
                 self.clock.missed()  # live peers were left out: widen the window for the next round
             return mean, members, float(sum(i["w"] for i in infos)), sent, rejected
+
+    def _matchmake(
+        self,
+        averager: DecentralizedAverager,
+        local: list[torch.Tensor],
+        number: int,
+        redo: int,
+        gossip: list[int] | None,
+        weight: float,
+        wait: float,
+        timeout: float,
+    ) -> Any:
+        """Begin looking for the group of round ``number`` (its ``redo``-th re-run) and all-reducing ``local`` in it;
+        returns hivemind's StepControl."""
+        # Copy in every attempt: a failed all-reduce may have left a partial average in the buffers.
+        with averager.get_tensors() as buffers:
+            for b, t in zip(buffers, local, strict=True):
+                b.copy_(t)
+        key = (number % (1 << ROUND_BITS)) << REDO_BITS | min(redo, (1 << REDO_BITS) - 1)
+        bits = format(key, f"0{ROUND_BITS + REDO_BITS}b")
+        if gossip is not None:
+            bits += format(min(gossip) % (1 << GROUP_BITS), f"0{GROUP_BITS}b")
+        averager.set_group_bits(bits)
+        return averager.step(
+            gather=self._metadata(number, weight),
+            scheduled_time=get_dht_time() + wait,
+            weight=weight,
+            timeout=timeout,
+            allow_retries=False,  # hivemind's retry would re-run on a half-averaged buffer
+            wait=False,
+        )
 
     def _screen_metadata(
         self, number: int, gathered: dict, gossip: list[int] | None = None
@@ -1160,8 +1308,8 @@ class HivemindAverager(Averager):
         if not weights.sum() > 0:
             raise RoundFailed("no member of the group has a positive weight")
         share = float(group[self._mailbox.peer_id]["w"]) / float(weights.sum())
-        values = codecs.wire_values(payloads).to(torch.float32) * share
-        total = self._mailbox.ring_sum(number, redo, order, values, give_up)
+        values = codecs.wire_values(payloads).to(torch.float32).mul_(share)  # a fresh tensor: summed into in place
+        total = self._mailbox.ring_sum(number, redo, order, values, give_up, in_place=True)
         return reject_nonfinite_sum(codecs.decode_values(total, payloads), members)
 
     def _reduce_mean(
@@ -1262,21 +1410,24 @@ class HivemindAverager(Averager):
         if self._executor is not None:
             self._submit(_nothing).wait()
 
-    def _check_agreement(self, tag: str, mean: list[torch.Tensor], group: list[bytes]) -> bool:
+    def _check_agreement(self, number: int, redo: int, mean: list[torch.Tensor], group: list[PeerID]) -> bool:
         """Compare sketches of the average with the group (a peer lost mid-all-reduce leaves them different);
-        returns whether every groupmate that answered holds the same average. Remembers the clusters."""
-        key = f"{self.cfg.run_id}_sketch{tag}"
+        returns whether every groupmate that answered holds the same average. Remembers the clusters. Where the
+        payloads went peer to peer, so do the sketches (one message to each groupmate: no DHT round trips on the
+        round's critical path); after the butterfly, through the DHT."""
         mine = _sketch(mean)
         me = self.dht.peer_id.to_bytes()
-        self._dht_store(key, mine, ttl=300)
         wait_until = time.monotonic() + max(2.0, 2 * (self.clock.max_allreduce or 1.0))
-        seen: dict[bytes, list[float]] = {}
-        while True:
-            seen = {bytes(k): v for k, v in self._dht_get(key).items() if bytes(k) in group}
-            seen[me] = mine
-            if len(seen) == len(group) or time.monotonic() > wait_until:
-                break
-            time.sleep(0.02)
+        if self._mailbox is not None and self._mailbox.expecting(number):
+            blob = torch.tensor(mine, dtype=torch.float64).numpy().tobytes()
+            got = self._mailbox.send_and_receive(number, redo, "sketch", dict.fromkeys(group, blob), group,
+                                                 wait_until, partial=True)  # fmt: skip
+            # a malformed sketch (not whole float64s) is an empty one: it agrees with no one
+            seen = {p.to_bytes(): torch.frombuffer(bytearray(b), dtype=torch.float64).tolist() if len(b) % 8 == 0
+                    else [] for p, b in got.items()}  # fmt: skip
+        else:
+            seen = self._sketches_via_dht(f"{self.cfg.run_id}_sketch{number}_{redo}", mine, group, wait_until)
+        seen[me] = mine
         clusters: list[list[bytes]] = []
         for peer in sorted(seen):
             for c in clusters:
@@ -1287,6 +1438,18 @@ class HivemindAverager(Averager):
                 clusters.append([peer])
         self._clusters = clusters
         return len(clusters) == 1
+
+    def _sketches_via_dht(
+        self, key: str, mine: list[float], group: list[PeerID], wait_until: float
+    ) -> dict[bytes, list[float]]:
+        members = {p.to_bytes() for p in group}
+        me = self.dht.peer_id.to_bytes()
+        self._dht_store(key, mine, ttl=300)
+        while True:
+            seen = {bytes(k): v for k, v in self._dht_get(key).items() if bytes(k) in members}
+            if len(seen | {me: mine}) == len(members) or time.monotonic() > wait_until:
+                return seen
+            time.sleep(0.02)
 
     def _adopt_majority(self, number: int) -> None:
         """After the re-runs are used up: the majority cluster's average stands (a tie goes to the cluster with
@@ -1501,6 +1664,9 @@ class HivemindAverager(Averager):
         if self._closed:
             return
         self._closed = True
+        if self._early is not None:  # its matchmaking, if waiting to begin, gives up at once
+            self._early.abandoned = True
+            self._early.due.set()
         super().close()
         if self._shared is not None:  # first: a holder hands the global model over while the DHT is up
             with contextlib.suppress(Exception):

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from locoswarm.comm.base import Averager
-from locoswarm.faults import PhasePlanner
+from locoswarm.faults import PhasePlan, PhasePlanner
 from locoswarm.outer import OuterOptimizer
 from locoswarm.strategies.base import InFlight, RoundReport, Strategy, pseudo_gradient_stats, tensor_norm
 from locoswarm.timeline import Timeline
@@ -68,20 +68,19 @@ class DiLoCo(Strategy):
         v = self.verifier
         if v is not None:
             v.phase_starts(self.group, number)
-        phase = self._phase(remaining)
+        plan = self.planner.plan(remaining)
+        weights = self._weights(plan)
+        self.averager.prepare(weights)  # a real swarm forms the round's group while the phase runs
+        phase = self._run_phase(plan)
         pseudo = self.group.pseudo_gradients(self.anchor)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
         if len(set(phase.counts)) > 1:
             extras["worker_steps"] = phase.counts
-        # every worker is weighted by the tokens it claims (a lazy one claims more than it ran: verification)
-        weights = self.group.tokens_per_step() * torch.tensor(phase.plan.claims, dtype=torch.float64)
         failed: dict[int, str] = {}
         if v is not None:
             checks = v.checks
             failed = v.before_round(self.group, self.anchor, phase.plan.claims, pseudo, number)
-            for j, r in enumerate(self.group.ranks):
-                if r in v.banned:
-                    weights[j] = 0.0  # excluded from this and every later round
+            weights = self._weights(plan)  # a worker banned just now is left out of this round too
         due = [self._start(pseudo, weights)]
         if self.outer_delay:  # apply the previous phase's average now, this one's next phase (or now, at the end)
             due, self.pending = ([self.pending] if self.pending else []), due[0]
@@ -101,6 +100,16 @@ class DiLoCo(Strategy):
             extras.update(OuterOptimizer.norms([self.outer]))
         tokens = sum(c.total_weight for c in comms)  # the group's, counted when its average is applied
         return self._report(phase.steps, phase.losses, phase.seconds, comms, bool(comms), tokens, extras)
+
+    def _weights(self, plan: PhasePlan) -> torch.Tensor:
+        """Every worker is weighted by the tokens it claims (a lazy one claims more than it ran: verification); a
+        banned worker by 0, in this and every later round."""
+        weights = self.group.tokens_per_step() * torch.tensor(plan.claims, dtype=torch.float64)
+        if self.verifier is not None:
+            for j, r in enumerate(self.group.ranks):
+                if r in self.verifier.banned:
+                    weights[j] = 0.0
+        return weights
 
     def state_dict(self) -> dict:
         return {
