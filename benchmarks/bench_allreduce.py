@@ -8,11 +8,14 @@
 - raw hivemind ``DecentralizedAverager`` (its butterfly);
 - locoswarm's hivemind averager (``backend=hivemind``: matchmaking, agreement check) with
   ``backend.allreduce=butterfly`` (hivemind's), ``mailbox`` (our reduce-scatter over hivemind's P2P) and ``ring``
-  (our pipelined ring over hivemind's P2P), with each round split into matchmaking and exchange.
+  (our pipelined ring over hivemind's P2P), with each round split into matchmaking and exchange; and the ring
+  "prepared": each round announced 3 s before its payload (``Averager.prepare``, as diloco does when a phase
+  begins), so its group forms during the (idle) phase; round 1 has no phase measured yet and forms it as usual.
 
     sudo .venv/bin/python benchmarks/bench_allreduce.py            # 2 and 4 peers, 50 MB, 100 Mbit/s links
     sudo .venv/bin/python benchmarks/bench_allreduce.py --mb 100 --peers 2
     sudo .venv/bin/python benchmarks/bench_allreduce.py --peers 4 --rate 25   # slower links, same tensor
+    sudo .venv/bin/python benchmarks/bench_allreduce.py --peers 4 --only ring # gloo and the rings only (1 min)
 
 Root only. It builds its own network namespaces (named ``lsbench<pid>-*``): one per peer plus one holding a
 Linux bridge; each peer is wired to the bridge by a veth pair shaped with ``tc qdisc ... tbf rate 100mbit`` in
@@ -270,8 +273,12 @@ def worker(args: argparse.Namespace) -> None:
     data = torch.randn(numel, generator=gen)
     results: dict[str, list[float]] = {}
 
-    def timed(name: str, fn) -> None:
+    def timed(name: str, fn, before=None) -> None:
+        if args.only and args.only not in name and not name.startswith("gloo"):
+            return
         for _ in range(2):
+            if before is not None:
+                before()
             dist.barrier()
             cpu0 = cpu_sample() if rank == 0 else None
             t0 = time.perf_counter()
@@ -312,20 +319,21 @@ def worker(args: argparse.Namespace) -> None:
         return node
 
     # Raw hivemind: DecentralizedAverager.step() with a full group (it starts as soon as all N have joined).
-    dht = dht_for("raw")
-    raw = DecentralizedAverager(
-        [data.clone()],
-        dht,
-        start=True,
-        prefix="bench_raw",
-        target_group_size=world,
-        min_matchmaking_time=2.0,
-        request_timeout=1.0,
-        compression=NoCompression(),
-    )
-    timed("hivemind DecentralizedAverager", lambda: raw.step(timeout=300))
-    raw.shutdown()
-    dht.shutdown()
+    if not args.only or args.only in "hivemind DecentralizedAverager":
+        dht = dht_for("raw")
+        raw = DecentralizedAverager(
+            [data.clone()],
+            dht,
+            start=True,
+            prefix="bench_raw",
+            target_group_size=world,
+            min_matchmaking_time=2.0,
+            request_timeout=1.0,
+            compression=NoCompression(),
+        )
+        timed("hivemind DecentralizedAverager", lambda: raw.step(timeout=300))
+        raw.shutdown()
+        dht.shutdown()
 
     # locoswarm's averager (the backend=hivemind round: matchmaking key per round, agreement check, copies), with
     # hivemind's butterfly and with our reduce-scatter over hivemind's P2P (backend.allreduce=mailbox). Its log
@@ -347,9 +355,14 @@ def worker(args: argparse.Namespace) -> None:
     weight = torch.ones(1)
     stacked = [data.clone().unsqueeze(0)]
     groups: list[int] = []
-    for allreduce in ("butterfly", "mailbox", "ring"):
+    for method in ("butterfly", "mailbox", "ring", "ring, prepared"):
+        name = f"locoswarm hivemind {method}"
+        if args.only and args.only not in name:
+            continue
+        allreduce = method.split(",")[0]
         maddrs: list = [None]
-        cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id=f"benchls{allreduce}")
+        run_id = f"benchls{method.replace(', ', '')}"
+        cfg = BackendConfig(name="hivemind", host_maddrs=[f"/ip4/{args.ip}/tcp/0"], run_id=run_id)
         cfg.allreduce = allreduce
         if rank == 0:
             ours = HivemindAverager(cfg, workers=world, rank=rank)
@@ -359,8 +372,20 @@ def worker(args: argparse.Namespace) -> None:
             cfg.initial_peers = maddrs[0]
             ours = HivemindAverager(cfg, workers=world, rank=rank)
         phases.clear()
-        name = f"locoswarm hivemind {allreduce}"
-        timed(name, lambda ours=ours: groups.append(ours.average(stacked, weight).group_size))
+        prepare = None
+        if method.endswith("prepared"):
+
+            def prepare(ours=ours) -> None:
+                """As diloco when a phase begins (Averager.prepare); then 3 s of inner steps (idle here). Round 1
+                has no phase measured yet, so only round 2 forms its group during the phase."""
+                ours.prepare(weight)
+                time.sleep(3.0)
+
+        def one_round(ours=ours) -> None:
+            groups.append(ours.average(stacked, weight).group_size)
+            ours.round_boundary()  # as the trainer after every round
+
+        timed(name, one_round, prepare)
         ours.close()
         results[f"_exchange {name}"] = [exchange for _, exchange in phases]
         results[f"_matchmaking {name}"] = [matchmaking for matchmaking, _ in phases]
@@ -371,7 +396,7 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run(peers: int, mb: float, rate_mbit: float, queue_ms: float, tmp: Path) -> dict[str, list[float]]:
+def run(peers: int, mb: float, rate_mbit: float, queue_ms: float, tmp: Path, only: str = "") -> dict[str, list[float]]:
     bed = Testbed(peers, net=peers, rate_mbit=rate_mbit, queue_ms=queue_ms)
     procs: list[subprocess.Popen] = []
     try:
@@ -381,7 +406,7 @@ def run(peers: int, mb: float, rate_mbit: float, queue_ms: float, tmp: Path) -> 
             out = tmp / f"n{peers}-r{i}.json"
             cmd = ["ip", "netns", "exec", ns, sys.executable, __file__, "--worker", "--rank", str(i)]
             cmd += ["--world", str(peers), "--master", bed.ip(0), "--port", str(port), "--ip", bed.ip(i)]
-            cmd += ["--mb", str(mb), "--out", str(out)]
+            cmd += ["--mb", str(mb), "--out", str(out), "--only", only]
             log = open(tmp / f"n{peers}-r{i}.log", "w")  # noqa: SIM115 - closed with the process
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         end = time.monotonic() + 900
@@ -416,6 +441,7 @@ def main() -> None:
         help="tbf's queue limit, as the delay a full queue adds (ms): deep queues delay acknowledgements",
     )
     p.add_argument("--logs", type=Path, default=None, help="keep each peer's log in this folder")
+    p.add_argument("--only", default="", help="run only the methods whose name holds this (and gloo, the reference)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for a in ("--rank", "--world", "--port"):
         p.add_argument(a, type=int, help=argparse.SUPPRESS)
@@ -439,7 +465,7 @@ def main() -> None:
             for n in args.peers:
                 if args.logs is not None:
                     args.logs.mkdir(parents=True, exist_ok=True)
-                res = run(n, args.mb, args.rate, args.queue_ms, args.logs or Path(d))
+                res = run(n, args.mb, args.rate, args.queue_ms, args.logs or Path(d), args.only)
                 bound = 2 * (n - 1) / n * size * 8 / (args.rate * 1e6)
                 for name, times in res.items():
                     if name.startswith("_") and not name.startswith("_exchange"):
