@@ -184,15 +184,10 @@ def test_a_peer_with_malformed_metadata_is_dropped_not_a_crash(codec):
 
 
 # ---------------------------------------------------------------------------------------------- a peer left behind
-def _behind_peer(index: int, run_id: str, peers_q, out_q) -> None:
+def _keep_log_messages() -> list[str]:
+    """The messages locoswarm.comm.hivemind logs at INFO and above in this process, as they come."""
     import logging
-    from dataclasses import replace
 
-    from locoswarm.comm.hivemind import HivemindAverager
-    from locoswarm.config import BackendConfig
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.set_start_method("fork", force=True)
     messages: list[str] = []
 
     class Keep(logging.Handler):
@@ -201,6 +196,18 @@ def _behind_peer(index: int, run_id: str, peers_q, out_q) -> None:
 
     logging.getLogger("locoswarm.comm.hivemind").addHandler(Keep())
     logging.getLogger("locoswarm.comm.hivemind").setLevel(logging.INFO)
+    return messages
+
+
+def _behind_peer(index: int, run_id: str, peers_q, out_q) -> None:
+    from dataclasses import replace
+
+    from locoswarm.comm.hivemind import HivemindAverager
+    from locoswarm.config import BackendConfig
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.set_start_method("fork", force=True)
+    messages = _keep_log_messages()
     # a deadline far beyond the test's: only giving up early can end the round in time
     cfg = BackendConfig(name="hivemind", run_id=run_id, min_matchmaking_time=0.5, round_timeout=600.0)
     ahead = behind = None
@@ -234,21 +241,12 @@ def test_a_peer_behind_the_swarm_gives_up_its_round_at_once():
 
 # ---------------------------------------------------------------------------------------------- groups formed early
 def _early_peer(index: int, run_id: str, peers_q, out_q) -> None:
-    import logging
-
     from locoswarm.comm.hivemind import HivemindAverager
     from locoswarm.config import BackendConfig
 
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.set_start_method("fork", force=True)
-    messages: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    logging.getLogger("locoswarm.comm.hivemind").addHandler(Keep())
-    logging.getLogger("locoswarm.comm.hivemind").setLevel(logging.INFO)
+    messages = _keep_log_messages()
     averager = None
     try:
         initial = [] if index == 0 else peers_q.get(timeout=120)
@@ -321,6 +319,11 @@ def _sketch_pair(index: int, run_id: str, peers_q, out_q) -> None:
             results[number] = {"agreed": [agreed.get(i) for i in range(2)],
                                "clusters": [len(a._clusters) for a in pair],
                                "in_dht": pair[0].dht.get(f"{run_id}_sketch{number}_0") is not None}  # fmt: skip
+        # round 3: peer 1 sends an empty sketch instead of checking: a malformed sketch agrees with no one
+        for a in pair:
+            a._mailbox.expect(3, 1 << 16)
+        pair[1]._mailbox.send_and_receive(3, 0, "sketch", {group[0]: b""}, [], time.monotonic() + 30)
+        results[3] = {"agreed": pair[0]._check_agreement(3, 0, mean, group), "clusters": len(pair[0]._clusters)}
         out_q.put((index, results, None))
     except BaseException:  # noqa: BLE001
         out_q.put((index, None, traceback.format_exc()))
@@ -332,7 +335,9 @@ def _sketch_pair(index: int, run_id: str, peers_q, out_q) -> None:
 def test_the_agreement_check_goes_peer_to_peer_after_a_mailbox_exchange():
     """After an exchange through the mailbox (ring, reduce-scatter, all-gather), the group compares sketches of its
     average by one message to each groupmate instead of through the DHT: two real peers holding the same average
-    agree, and holding different ones both see two clusters (and the round would be re-run)."""
+    agree, and holding different ones both see two clusters (and the round would be re-run); an empty sketch
+    agrees with no one (and crashes nothing)."""
     (res,) = _run(_sketch_pair, f"sketch{os.getpid()}")
     assert res[1] == {"agreed": [True, True], "clusters": [1, 1], "in_dht": False}, res
     assert res[2] == {"agreed": [False, False], "clusters": [2, 2], "in_dht": False}, res
+    assert res[3] == {"agreed": False, "clusters": 2}, res

@@ -96,8 +96,9 @@ Failures
     dies mid-all-reduce (or a hivemind hiccup: we have seen "received 85% results" with every peer alive) makes
     the others finish with *their own* values for the lost part, silently. So after every all-reduce the group
     compares a sketch of the average (float64 norms of 16 slices of a strided subsample) through the DHT after
-    the butterfly, peer to peer after an exchange through the mailbox; if they differ, the whole group re-runs the round on its original inputs (up to twice); if they still differ,
-    the majority's average stands and the others are marked out of sync. A round that raises or misses its
+    the butterfly, peer to peer after an exchange through the mailbox; if they differ, the whole group re-runs the
+    round on its original inputs (up to twice); if they still differ, the majority's average stands and the others
+    are marked out of sync. A round that raises or misses its
     deadline applies a *zero* update while other peers are alive (all peers that missed it stay equal to each
     other) and marks the peer out of sync; alone, it is a group of one. A round whose zero update is applied
     rolls its encode back: the codecs go back to their snapshot from before it (error-feedback residuals, PowerSGD's
@@ -1422,9 +1423,9 @@ class HivemindAverager(Averager):
             blob = torch.tensor(mine, dtype=torch.float64).numpy().tobytes()
             got = self._mailbox.send_and_receive(number, redo, "sketch", dict.fromkeys(group, blob), group,
                                                  wait_until, partial=True)  # fmt: skip
-            # a malformed sketch (not whole float64s) is an empty one: it agrees with no one
-            seen = {p.to_bytes(): torch.frombuffer(bytearray(b), dtype=torch.float64).tolist() if len(b) % 8 == 0
-                    else [] for p, b in got.items()}  # fmt: skip
+            # a malformed sketch (empty, or not whole float64s) is an empty one: it agrees with no one
+            seen = {p.to_bytes(): torch.frombuffer(bytearray(b), dtype=torch.float64).tolist()
+                    if b and len(b) % 8 == 0 else [] for p, b in got.items()}  # fmt: skip
         else:
             seen = self._sketches_via_dht(f"{self.cfg.run_id}_sketch{number}_{redo}", mine, group, wait_until)
         seen[me] = mine
