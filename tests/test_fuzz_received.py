@@ -383,14 +383,14 @@ def _peer_classes():
                 blob = self.owner.sent["gather"] = _mutate(blob, fuzz[1])
             return super().exchange(round_, redo, group, blob, deadline)
 
-        def send_and_receive(self, round_, redo, stage, send, receive_from, deadline):
+        def send_and_receive(self, round_, redo, stage, send, receive_from, deadline, partial=False):
             fuzz = self.owner.fuzz
             if fuzz is not None and fuzz[0] == stage and stage != "gather":
                 send = {p: b if p == self.peer_id else _mutate(b, fuzz[1]) for p, b in send.items()}
                 self.owner.sent[stage] = next(b for p, b in send.items() if p != self.peer_id)
             if fuzz is not None and fuzz[0] == "scatter" and stage == "reduced":
                 deadline = min(deadline, time.monotonic() + 2.0)  # the receiver may have failed its round: no wait
-            return super().send_and_receive(round_, redo, stage, send, receive_from, deadline)
+            return super().send_and_receive(round_, redo, stage, send, receive_from, deadline, partial)
 
     class Liar(HivemindAverager):
         fuzz: tuple | None = None  # (stage | "metadata", mutation) for the next round
