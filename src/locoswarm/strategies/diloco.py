@@ -69,8 +69,8 @@ class DiLoCo(Strategy):
         if v is not None:
             v.phase_starts(self.group, number)
         plan = self.planner.plan(remaining)
-        weights = self._weights(plan)
-        self.averager.prepare(weights)  # a real swarm forms the round's group while the phase runs
+        if self.group.tokens_known_in_advance:  # a real swarm forms the round's group while the phase runs
+            self.averager.prepare(self._weights(plan))
         phase = self._run_phase(plan)
         pseudo = self.group.pseudo_gradients(self.anchor)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
@@ -80,7 +80,9 @@ class DiLoCo(Strategy):
         if v is not None:
             checks = v.checks
             failed = v.before_round(self.group, self.anchor, phase.plan.claims, pseudo, number)
-            weights = self._weights(plan)  # a worker banned just now is left out of this round too
+        # after the phase (a later pipeline stage counts the tokens it served) and the checks (a worker banned just
+        # now is left out of this round too)
+        weights = self._weights(plan)
         due = [self._start(pseudo, weights)]
         if self.outer_delay:  # apply the previous phase's average now, this one's next phase (or now, at the end)
             due, self.pending = ([self.pending] if self.pending else []), due[0]
