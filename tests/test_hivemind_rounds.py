@@ -255,6 +255,12 @@ def _early_peer(index: int, run_id: str, peers_q, out_q) -> None:
         averager = HivemindAverager(cfg, workers=2, rank=index)
         if index == 0:
             peers_q.put(averager.maddrs)
+        # both up before round 1 (as locoswarm-swarm's launched peers wait for each other): on a loaded box the
+        # second peer's start-up outlasted the first's round-1 window, which then ran alone (a group of 1)
+        averager._publish_progress()
+        end = time.monotonic() + 120
+        while len(averager.progress()) < 2 and time.monotonic() < end:
+            time.sleep(0.2)
         weight = torch.tensor([float(index + 1)])
         rounds = []
         for r in range(3):
