@@ -192,9 +192,7 @@ def max_rel_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 )
 def test_three_peers_match_sim(tmp_path, swarms, codec):
     """(a): 3 hivemind peers vs the sim backend, same seeds, 3 outer steps; uncompressed, top-k, and with every
-    peer verifying both groupmates after every round (verify.py's PeerReplay; the sim replays its workers). Where
-    the group forms apart from the payload (all but the butterfly), rounds 2 and 3 form it during the phase
-    (``Averager.prepare``): the numbers are the same."""
+    peer verifying both groupmates after every round (verify.py's PeerReplay; the sim replays its workers)."""
     from locoswarm.cli.swarm import compose_config
     from locoswarm.trainer import train
 
@@ -218,9 +216,6 @@ def test_three_peers_match_sim(tmp_path, swarms, codec):
             assert not any("verification_failed" in r for r in rows), rows
         diff = max_rel_diff(anchor_and_params(run), anchor_and_params(tmp_path / "sim", worker=i))
         worst = max(worst, diff)
-        if codec != ["compression=none"]:  # the group forms apart from the payload: rounds 2 and 3 formed theirs
-            early = [line for line in swarm.lines if line.startswith(f"[peer-{i}]") and "began forming" in line]
-            assert len(early) == 2, "".join(swarm.lines[-60:])  # during the phase (Averager.prepare), same numbers
     print(f"hivemind vs sim: max relative difference {worst:.2e}")
     assert worst <= 1e-5
 

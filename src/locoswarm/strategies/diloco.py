@@ -69,8 +69,8 @@ class DiLoCo(Strategy):
         if v is not None:
             v.phase_starts(self.group, number)
         plan = self.planner.plan(remaining)
-        if self.group.tokens_known_in_advance:  # a real swarm forms the round's group while the phase runs
-            self.averager.prepare(self._weights(plan))
+        # Not Averager.prepare(self._weights(plan)) yet: a group formed during the phase fails its round when a member
+        # dies in the phase (the 4-peer churn soak failed with it); it wants a way to leave the dead member out first.
         phase = self._run_phase(plan)
         pseudo = self.group.pseudo_gradients(self.anchor)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
