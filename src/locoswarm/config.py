@@ -402,7 +402,7 @@ class BackendConfig:
     comm/hivemind_gather.py, as int8 is averaged: the sim's arithmetic bit for bit; a non-finite contribution is
     dropped per chunk, as for int8) or ring (a pipelined ring all-reduce over hivemind's P2P: one long-lived stream
     to the next peer; summed in ring order, so equal to the sim to float rounding, like the butterfly). With 4 peers
-    on 100 Mbit/s links, with each round announced ahead (``Averager.prepare``; diloco does not yet), a ring round ran at
+    on 100 Mbit/s links, each round announced ahead (``Averager.prepare``; diloco does not yet), a ring round ran at
     0.90 of the bandwidth bound (median of six runs; gloo 0.90 in the same runs), the butterfly and the mailbox at
     0.72-0.78 (benchmarks/bench_allreduce.py): an all-to-all pattern shares each link among n - 1 flows and idles
     between its stages, even over plain TCP. With 2 peers the ring reached only 0.64 (the mailbox 0.89)."""
