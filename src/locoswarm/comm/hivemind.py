@@ -12,7 +12,7 @@ Rounds
     peer to arrive waits ``window`` seconds unless all ``workers`` peers have arrived earlier. The average is
     weighted by the tokens each peer processed.
 
-Groups formed during the phase (``prepare``: diloco calls it when a phase begins)
+Groups formed during the phase (``prepare``; bench_allreduce calls it, diloco not yet: see strategies/diloco.py)
     Where the DecentralizedAverager only forms the group (every mode but the butterfly: the payload travels peer to
     peer), a round's matchmaking needs no payload, only its metadata (weight, round, rank, commitment), which is
     known when the phase begins. So the group of a prepared round begins forming a lead (3x the last matchmaking,
