@@ -161,8 +161,6 @@ class BatchedWorkerGroup:
     worker, in rank order; seeds: each worker's dropout seed (combined into the group's stream).
     """
 
-    tokens_known_in_advance = True  # as WorkerGroup's: every worker's batch
-
     def __init__(
         self,
         ranks: Sequence[int],

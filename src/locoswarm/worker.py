@@ -183,10 +183,6 @@ def check_counts(n: int, counts: Sequence[int] | None, size: int) -> list[int]:
 class WorkerGroup:
     """The workers this process hosts, run one after another (``backend.execution=sequential``)."""
 
-    # tokens_per_step() is known before a phase runs (a later pipeline stage counts what it served instead): a real
-    # swarm may then form the round's group during the phase (Averager.prepare)
-    tokens_known_in_advance = True
-
     def __init__(self, workers: Sequence[Worker]):
         self.workers = list(workers)
 

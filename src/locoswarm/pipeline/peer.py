@@ -114,10 +114,6 @@ class StagePeerGroup(WorkerGroup):
     def mb_tokens(self) -> int:
         return self.worker.tokens_per_step // self.microbatches
 
-    @property
-    def tokens_known_in_advance(self) -> bool:
-        return self.stage == 0
-
     def tokens_per_step(self) -> torch.Tensor:
         """A driver: its batch. A later stage: the tokens it counted since the last round, per step."""
         if self.stage == 0:

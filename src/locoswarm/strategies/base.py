@@ -106,10 +106,7 @@ class Strategy(ABC):
     # ------------------------------------------------------------------ building blocks for subclasses
     def _phase(self, steps: int) -> Phase:
         """Up to ``steps`` inner steps per worker, as the planner allots them; booked on the timeline."""
-        return self._run_phase(self.planner.plan(steps))
-
-    def _run_phase(self, plan: PhasePlan) -> Phase:
-        """The inner steps of a phase already planned."""
+        plan = self.planner.plan(steps)
         losses, seconds = self.group.inner_steps(plan.steps, plan.counts)
         self.planner.observe(plan.counts, seconds)
         self.timeline.compute(plan, seconds)

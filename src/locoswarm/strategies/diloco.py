@@ -68,10 +68,9 @@ class DiLoCo(Strategy):
         v = self.verifier
         if v is not None:
             v.phase_starts(self.group, number)
-        plan = self.planner.plan(remaining)
-        # Not Averager.prepare(self._weights(plan)) yet: a group formed during the phase fails its round when a member
-        # dies in the phase (the 4-peer churn soak failed with it); it wants a way to leave the dead member out first.
-        phase = self._run_phase(plan)
+        # No Averager.prepare here yet: a group formed during the phase fails its round when a member dies in the
+        # phase (the 4-peer churn soak failed with it); it wants a way to leave the dead member out first.
+        phase = self._phase(remaining)
         pseudo = self.group.pseudo_gradients(self.anchor)  # [(L, *shape)]
         extras = pseudo_gradient_stats(pseudo)
         if len(set(phase.counts)) > 1:
@@ -82,7 +81,7 @@ class DiLoCo(Strategy):
             failed = v.before_round(self.group, self.anchor, phase.plan.claims, pseudo, number)
         # after the phase (a later pipeline stage counts the tokens it served) and the checks (a worker banned just
         # now is left out of this round too)
-        weights = self._weights(plan)
+        weights = self._weights(phase.plan)
         due = [self._start(pseudo, weights)]
         if self.outer_delay:  # apply the previous phase's average now, this one's next phase (or now, at the end)
             due, self.pending = ([self.pending] if self.pending else []), due[0]
