@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import select
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,21 @@ def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(caplog):
             p.update(1, loss="1.000")
         p.close()
         tty.flush()
-        drawn = os.read(leader, 65536).decode()
+        drawn = _drain(leader)
     os.close(leader)
     assert "4/4" in drawn and "loss=1.000" in drawn and "\r" in drawn
     assert caplog.records == []
+
+
+def _drain(fd: int) -> str:
+    """Everything written to a pty so far: one read may return only part of it (the failure seen in CI)."""
+    chunks = []
+    while select.select([fd], [], [], 0.5)[0]:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
 
 
 def test_a_run_piped_to_a_file_writes_progress_lines_not_bar_frames(tmp_path):
