@@ -134,6 +134,11 @@ def study_table(rep: Reproduction, study: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def study_tables(rep: Reproduction) -> dict[str, pd.DataFrame]:
+    """``study_table`` of every study the plan has runs for."""
+    return {s: study_table(rep, s) for s in STUDIES if any(s in st for st in rep.runs["studies"])}
+
+
 def _mb(x: float) -> str:
     return "-" if pd.isna(x) else f"{x / 1e6:.2f}"
 
@@ -241,6 +246,26 @@ def claims_markdown(c: pd.DataFrame, scale: str) -> str:
     lines = [f"| claim | DiLoCo paper | this toolkit, scale={scale} | held? |", "| --- | --- | --- | --- |"]
     for r in c.itertuples():
         lines.append(f"| {r.claim} | {r.paper} | {r.ours} | {'yes' if r.held else 'no'} |")
+    return "\n".join(lines)
+
+
+def scales_markdown(reps: dict[str, Reproduction]) -> str:
+    """The paper's claims with what each scale measured, side by side: one row per claim, one column per scale
+    (``reps``: scale name -> its reproduction). A scale whose runs for a claim are not finished says so, with how
+    many of its planned runs are, so a partly run scale can be committed and read while the rest trains."""
+    found = {name: claims(rep, study_tables(rep)) for name, rep in reps.items()}
+    measured = {name: {r.key: f"{r.ours} ({'held' if r.held else 'did not hold'})" for r in c.itertuples()}
+                for name, c in found.items()}  # fmt: skip
+    paper = {}  # a claim's wording and the paper's number, from whichever scale could state them
+    for c in found.values():
+        for r in c.itertuples():
+            paper.setdefault(r.key, (r.claim, r.paper))
+    head = [f"{name} ({int((rep.runs['status'] == 'ok').sum())} of {len(rep.runs)} runs)" for name, rep in reps.items()]
+    lines = [f"| claim | DiLoCo paper | {' | '.join(head)} |", "| --- | --- |" + " --- |" * len(reps)]
+    for key in CLAIM_KEYS:
+        if key in paper:
+            cells = [measured[name].get(key, "not finished yet") for name in reps]
+            lines.append(f"| {paper[key][0]} | {paper[key][1]} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
@@ -356,7 +381,7 @@ def write_report(out: str | Path, report_dir: str | Path) -> Path:
     rep = load(out)
     report_dir = Path(report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
-    tables = {s: study_table(rep, s) for s in STUDIES if any(s in st for st in rep.runs["studies"])}
+    tables = study_tables(rep)
     for study, t in tables.items():
         t.to_csv(report_dir / f"{study}.csv", index=False)
         (report_dir / f"{study}.md").write_text(f"### {STUDIES[study]['title']}\n\n{to_markdown(t)}\n")

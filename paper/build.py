@@ -8,7 +8,8 @@ DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` 
 heterogeneous-swarm section (macros ``heterogeneous.*``), by ``experiments/reproduce_heterogeneous.py`` from
 HETEROGENEOUS_RUNS (its ``--out`` folder) and, for the SWARM section (macros ``swarm.*``), by
 ``experiments/reproduce_swarm.py`` from SWARM_RUNS (its ``--out`` folder), its measured throughput on locoswarm-netem
-(macros ``netem_swarm.*``) by ``experiments/netem_swarm_study.py`` from NETEM_SWARM_RUNS. A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
+(macros ``netem_swarm.*``) by ``experiments/netem_swarm_study.py`` from NETEM_SWARM_RUNS, and for the two-scale section (macros ``small.*``) by
+``experiments/diloco_report.py`` from SMALL_RUNS (a ``reproduce_diloco.py --scale small`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
 ``numbers.json``, ``tables/`` and ``figures/``.
 """
 
@@ -145,6 +146,27 @@ def netem_swarm_section(runs: Path, out: Path) -> tuple[dict[str, str], dict[str
     return nums, tables
 
 
+def small_section(rep, runs: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Numbers (``small.*``) and the table (``scales``) of the two-scale section: the claims at RUNS's scale
+    (``rep``) next to those at scale small, read from SMALL_RUNS (a ``reproduce_diloco.py --scale small`` folder,
+    which may be partly run: its unfinished claims say so)."""
+    from diloco_report import load, scales_markdown
+
+    small = load(runs)
+    ok = small.runs[small.runs["status"] == "ok"]
+    nums = {
+        "small.description": small.plan["description"],
+        "small.n_runs": str(len(small.runs)),
+        "small.n_ok": str(len(ok)),
+        "small.seeds": ", ".join(str(s) for s in sorted(set(ok["seed"]))) or "none",
+        "small.cpu_minutes": f"{ok['wall_seconds'].sum() / 60:.0f}",
+        "small.params": f"{count_params(small) / 1e6:.2f}M" if (ok["variant"] == "diloco").any() else "-",
+        "small.runs_dir": str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs),
+    }
+    reps = {rep.plan["scale"]: rep, small.plan["scale"]: small}  # one column if RUNS is itself a small run
+    return nums, {"scales": scales_markdown(reps)}
+
+
 def count_params(rep, variant: str = "diloco") -> int:
     """Parameters of the reference run's (``variant``'s) model, built on the meta device (no memory, any size)."""
     import torch
@@ -167,12 +189,13 @@ def build(
     heterogeneous_runs: Path,
     swarm_runs: Path,
     netem_swarm_runs: Path,
+    small_runs: Path,
 ) -> Path:
-    from diloco_report import STUDIES, claims, claims_markdown, figures, load, numbers, study_table, to_markdown
+    from diloco_report import claims, claims_markdown, figures, load, numbers, study_tables, to_markdown
     from pdf import render
 
     rep = load(runs)
-    tables = {s: study_table(rep, s) for s in STUDIES if any(s in st for st in rep.runs["studies"])}
+    tables = study_tables(rep)
     c = claims(rep, tables)
     nums = numbers(rep, tables, c)
     nums["params"] = f"{count_params(rep) / 1e6:.2f}M"
@@ -188,6 +211,9 @@ def build(
         section_nums, section_tables = section(section_runs, out)
         nums.update(section_nums)
         md_tables.update(section_tables)
+    small_nums, small_tables = small_section(rep, small_runs)
+    nums.update(small_nums)
+    md_tables.update(small_tables)
     for name, text in md_tables.items():
         (out / "tables" / f"{name}.md").write_text(text + "\n")
     for study, t in tables.items():
@@ -216,11 +242,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a reproduce_swarm.py --out folder (default: committed)")  # fmt: skip
     p.add_argument("--netem-swarm-runs", default="results/netem_swarm",
                    help="an experiments/netem_swarm_study.py --out folder (default: committed)")  # fmt: skip
+    p.add_argument("--small-runs", default="results/small",
+                   help="a reproduce_diloco.py --scale small --out folder, whole or partly run (default: committed)")  # fmt: skip
     p.add_argument("--out", type=Path, default=HERE / "build")
     args = p.parse_args(argv)
     build(resolve_runs(args.runs), args.out.resolve(), resolve_runs(args.streaming_runs),
           resolve_runs(args.attacks_runs), resolve_runs(args.heterogeneous_runs), resolve_runs(args.swarm_runs),
-          resolve_runs(args.netem_swarm_runs))  # fmt: skip
+          resolve_runs(args.netem_swarm_runs), resolve_runs(args.small_runs))  # fmt: skip
     return 0
 
 
