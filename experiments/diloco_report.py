@@ -43,6 +43,9 @@ STUDIES: dict[str, dict] = {
 
 
 CLAIM_KEYS = ("diloco_vs_ddp", "diloco_vs_single", "outer", "H", "K", "pruning", "int8", "noniid", "warm_start")
+# The study whose runs each claim reads: a claim of a partly run scale is stated only once all of them finished.
+CLAIM_STUDY = {"diloco_vs_ddp": "main", "diloco_vs_single": "main", "outer": "outer", "H": "H", "K": "K",
+               "pruning": "compression", "int8": "compression", "noniid": "non-iid", "warm_start": "warm-start"}  # fmt: skip
 
 
 @dataclass
@@ -251,11 +254,19 @@ def claims_markdown(c: pd.DataFrame, scale: str) -> str:
 
 def scales_markdown(reps: dict[str, Reproduction]) -> str:
     """The paper's claims with what each scale measured, side by side: one row per claim, one column per scale
-    (``reps``: scale name -> its reproduction). A scale whose runs for a claim are not finished says so, with how
-    many of its planned runs are, so a partly run scale can be committed and read while the rest trains."""
+    (``reps``: scale name -> its reproduction). A claim is stated for a scale only once every run of its study
+    finished there (else "not finished yet": a part of a study could give a verdict that the rest overturns), so a
+    partly run scale can be committed and read while the rest trains; the header counts each scale's runs."""
     found = {name: claims(rep, study_tables(rep)) for name, rep in reps.items()}
-    measured = {name: {r.key: f"{r.ours} ({'held' if r.held else 'did not hold'})" for r in c.itertuples()}
-                for name, c in found.items()}  # fmt: skip
+    measured = {}
+    for name, c in found.items():
+        runs = reps[name].runs
+        unfinished = {s for studies, status in zip(runs["studies"], runs["status"], strict=True) if status == "missing"
+                      for s in studies}  # fmt: skip
+        measured[name] = {key: "not finished yet" if CLAIM_STUDY[key] in unfinished else "no result (its runs failed)"
+                          for key in CLAIM_KEYS}  # fmt: skip
+        measured[name].update({r.key: f"{r.ours} ({'held' if r.held else 'did not hold'})" for r in c.itertuples()
+                               if CLAIM_STUDY[r.key] not in unfinished})  # fmt: skip
     paper = {}  # a claim's wording and the paper's number, from whichever scale could state them
     for c in found.values():
         for r in c.itertuples():
@@ -264,7 +275,7 @@ def scales_markdown(reps: dict[str, Reproduction]) -> str:
     lines = [f"| claim | DiLoCo paper | {' | '.join(head)} |", "| --- | --- |" + " --- |" * len(reps)]
     for key in CLAIM_KEYS:
         if key in paper:
-            cells = [measured[name].get(key, "not finished yet") for name in reps]
+            cells = [measured[name][key] for name in reps]
             lines.append(f"| {paper[key][0]} | {paper[key][1]} | {' | '.join(cells)} |")
     return "\n".join(lines)
 

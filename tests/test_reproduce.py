@@ -40,17 +40,19 @@ def test_a_partly_run_scale_shows_its_finished_claims_and_says_which_are_not(tmp
 
     partial = tmp_path / "partial"
     shutil.copytree(COMMITTED, partial)
-    for run in (partial / "runs").glob("outer-*"):  # the outer-optimiser study has not run yet
-        shutil.rmtree(run)
+    # the outer-optimiser study lacks one seed and the H study its largest H: either could still give a verdict
+    # from what finished (two seeds; the two smaller H) that the missing run might overturn
+    for run in ("outer-adam-s2", "H45-s0"):
+        shutil.rmtree(partial / "runs" / run)
     whole, part = load(COMMITTED), load(partial)
     n = len(whole.runs)
     table = scales_markdown({"whole": whole, "part": part}).splitlines()
-    assert table[0] == f"| claim | DiLoCo paper | whole ({n} of {n} runs) | part ({n - 6} of {n} runs) |"
+    assert table[0] == f"| claim | DiLoCo paper | whole ({n} of {n} runs) | part ({n - 2} of {n} runs) |"
     cells = [[c.strip() for c in row.strip("|").split("|")] for row in table[2:]]
     assert len(cells) == len(CLAIM_KEYS)
     for claim, _paper, a, b in cells:
-        if claim.startswith("Outer Nesterov"):
-            assert "Nesterov" in a and a.endswith("held)") and b == "not finished yet"
+        if claim.startswith(("Outer Nesterov", "Quality degrades only slowly as H grows")):
+            assert a.endswith("held)") and b == "not finished yet", claim
         else:
             assert a == b and a.endswith("held)"), claim  # the same runs: the same measurement and verdict
 
