@@ -280,6 +280,34 @@ def scales_markdown(reps: dict[str, Reproduction]) -> str:
     return "\n".join(lines)
 
 
+def gap_and_agreement(rep: Reproduction) -> dict[str, float] | None:
+    """Where DiLoCo's loss gap to DDP opens, and how much its workers agree: the mean (over the main study's paired
+    seeds) relative val-loss gap at the first evaluation after the warm-start and at the end, and, over every outer
+    step of those DiLoCo runs, the mean pairwise cosine of the workers' pseudo-gradients and the norm of their
+    average over their mean norm (1 when they agree, 1/sqrt(K) when orthogonal). None if no seed has both runs."""
+    ok = rep.runs[rep.runs["status"] == "ok"]
+    dil, ddp = (ok[ok["variant"] == v].set_index("seed")["run_dir"] for v in ("diloco", "ddp"))
+    seeds = sorted(set(dil.index) & set(ddp.index))
+    if not seeds:
+        return None
+    warm = rep.scale["warmup_sync"]
+    first, last, cosine, ratio = [], [], [], []
+    for seed in seeds:
+        a, b = (
+            load_metrics(r).dropna(subset=["val_loss"]).set_index("step")["val_loss"] for r in (dil[seed], ddp[seed])
+        )
+        after = [s for s in a.index if s > warm and s in b.index]
+        first.append(a[after[0]] / b[after[0]] - 1)
+        last.append(a[after[-1]] / b[after[-1]] - 1)
+        m = load_metrics(dil[seed])
+        rounds = m[m["outer_step"].diff() > 0].dropna(subset=["pg_cosine"])  # one row per outer step
+        cosine += list(rounds["pg_cosine"])
+        ratio += [g / np.mean(n) for g, n in zip(rounds["outer_grad_norm"], rounds["pg_norm"], strict=True)]
+    return {"seeds": len(seeds), "gap_first": float(np.mean(first)), "gap_first_step": float(after[0]),
+            "gap_last": float(np.mean(last)), "cosine": float(np.mean(cosine)), "norm_ratio": float(np.mean(ratio)),
+            "K": float(rep.scale["workers"])}  # fmt: skip
+
+
 def numbers(rep: Reproduction, tables: dict[str, pd.DataFrame], c: pd.DataFrame) -> dict[str, str]:
     """Every number the paper's text quotes, formatted, keyed by name (the paper's {{macros}})."""
     sc = rep.scale

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -150,7 +151,7 @@ def small_section(rep, runs: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Numbers (``small.*``) and the table (``scales``) of the two-scale section: the claims at RUNS's scale
     (``rep``) next to those at scale small, read from SMALL_RUNS (a ``reproduce_diloco.py --scale small`` folder,
     which may be partly run: its unfinished claims say so)."""
-    from diloco_report import load, scales_markdown
+    from diloco_report import gap_and_agreement, load, scales_markdown
 
     small = load(runs)
     ok = small.runs[small.runs["status"] == "ok"]
@@ -163,6 +164,17 @@ def small_section(rep, runs: Path) -> tuple[dict[str, str], dict[str, str]]:
         "small.params": f"{count_params(small) / 1e6:.2f}M" if (ok["variant"] == "diloco").any() else "-",
         "small.runs_dir": str(runs.relative_to(REPO)) if runs.is_relative_to(REPO) else str(runs),
     }
+    # where DiLoCo's gap to DDP opens and how much its workers agree, at scale small and, to compare, RUNS's
+    for name, r in (("small", small), ("small.vs", rep)):
+        g = gap_and_agreement(r) or {}
+        nums[f"{name}.seeds_paired"] = str(g.get("seeds", 0))
+        for key, fmt in (("gap_first", "{:+.2%}"), ("gap_last", "{:+.2%}"), ("gap_first_step", "{:.0f}"),
+                         ("cosine", "{:.2f}"), ("norm_ratio", "{:.2f}"), ("K", "{:.0f}")):  # fmt: skip
+            nums[f"{name}.{key}"] = fmt.format(g[key]) if g else "-"
+        nums[f"{name}.gap_share"] = f"{g['gap_first'] / g['gap_last']:.0%}" if g.get("gap_last") else "-"
+    nums["small.vs.scale"] = rep.plan["scale"]
+    nums["small.H"] = str(small.scale["H"])
+    nums["small.orthogonal"] = f"{1 / math.sqrt(small.scale['workers']):.2f}"
     reps = {rep.plan["scale"]: rep, small.plan["scale"]: small}  # one column if RUNS is itself a small run
     return nums, {"scales": scales_markdown(reps)}
 

@@ -116,5 +116,11 @@ def test_paper_builds_from_the_committed_results(tmp_path: Path) -> None:
     small = [json.loads(p.read_text()) for p in (REPO / "paper" / "results" / "small" / "runs").glob("*/summary.json")]
     assert numbers["small.n_ok"] == str(sum(s["status"] == "ok" for s in small)) and int(numbers["small.n_ok"]) > 0
     assert f"| small ({numbers['small.n_ok']} of {numbers['small.n_runs']} runs) |" in text
+    # the gap's anatomy at scale small: its final gap is the paired one of the runs' final validation losses
+    by_run = {p.parent.name: json.loads(p.read_text())["final_val_loss"]
+              for p in (REPO / "paper" / "results" / "small" / "runs").glob("*/summary.json")}  # fmt: skip
+    seeds = [i for i in range(3) if f"diloco-s{i}" in by_run and f"ddp-s{i}" in by_run]
+    gap = sum(by_run[f"diloco-s{i}"] / by_run[f"ddp-s{i}"] - 1 for i in seeds) / len(seeds)
+    assert numbers["small.gap_last"] == f"{gap:+.2%}" and numbers["small.seeds_paired"] == str(len(seeds))
     # 4 DiLoCo + streaming.png (6) + attacks.png (7) + heterogeneous.png (8) + swarm.png and netem_swarm.png (9)
     assert len(list((tmp_path / "figures").glob("*.png"))) == 9
