@@ -380,12 +380,16 @@ def figures(rep: Reproduction, tables: dict[str, pd.DataFrame], fig_dir: Path) -
         axes[1].set_title("Validation loss vs communication")
         made.append(plots.save(fig, fig_dir / "main_curves.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    plots.pareto(ok[ok["workers"] == rep.scale["workers"]], label="label", ax=ax)
-    ax.set_title(f"Communication vs quality, K={rep.scale['workers']} (seed 0)")
-    made.append(plots.save(fig, fig_dir / "pareto.png"))
+    at_k = ok[ok["workers"] == rep.scale["workers"]]
+    if len(at_k):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        plots.pareto(at_k, label="label", ax=ax)
+        ax.set_title(f"Communication vs quality, K={rep.scale['workers']} (seed 0)")
+        made.append(plots.save(fig, fig_dir / "pareto.png"))
 
-    abl = [s for s in ("outer", "H", "K", "compression", "non-iid", "warm-start") if s in tables]
+    # a partly run plan (--only, or a run still training) draws the studies that have a finished run
+    abl = [s for s in ("outer", "H", "K", "compression", "non-iid", "warm-start")
+           if s in tables and tables[s]["val_loss_mean"].notna().any()]  # fmt: skip
     if abl:
         cols = 3
         fig, axes = plt.subplots(math.ceil(len(abl) / cols), cols, figsize=(12, 3.6 * math.ceil(len(abl) / cols)))

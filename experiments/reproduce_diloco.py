@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds for the main and outer-optimiser comparisons")
     p.add_argument("--data", default=None, help="replace the scale's data overrides, e.g. synthetic (offline)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables and figures")
+    p.add_argument("--only", default=None, metavar="VARIANT,...",
+                   help="train only these variants now, in this order (e.g. H20,H150 to finish a study first); the "
+                        "plan and the report keep every run")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
     p.add_argument("--jobs", type=int, default=None,
                    help="runs trained side by side in worker processes (default: 2 at scale ci, else 1)")  # fmt: skip
@@ -355,7 +358,15 @@ def main(argv: list[str] | None = None) -> int:
           f"(reference: K={scale.workers}, H={scale.H}, {scale.warmup_sync} warm-start steps, {rounds} outer rounds)\n{SEP}")  # fmt: skip
 
     if not args.report_only:
-        results = run_all(kept, out, not args.no_progress, jobs, threads)
+        todo = kept
+        if args.only is not None:
+            order = [v.strip() for v in args.only.split(",") if v.strip()]
+            unknown = sorted(set(order) - {r.variant for r in kept})
+            if unknown:
+                raise SystemExit(f"--only: no variant {', '.join(unknown)} in this plan (have: "
+                                 f"{', '.join(dict.fromkeys(r.variant for r in kept))})")  # fmt: skip
+            todo = sorted((r for r in kept if r.variant in order), key=lambda r: order.index(r.variant))
+        results = run_all(todo, out, not args.no_progress, jobs, threads)
         failed = [k for k, s in results.items() if s.get("status") != "ok"]
         if failed:
             print(f"{len(failed)} runs failed: {', '.join(failed)} (see their summary.json); re-run to retry them")

@@ -57,6 +57,25 @@ def test_a_partly_run_scale_shows_its_finished_claims_and_says_which_are_not(tmp
             assert a == b and a.endswith("held)"), claim  # the same runs: the same measurement and verdict
 
 
+def test_only_trains_the_named_variants_and_keeps_the_whole_plan(tmp_path: Path) -> None:
+    """--only finishes a study first (the small scale is run in parts): it trains just those variants, the plan
+    and the report still list every run, and a variant not in the plan is an error that names it."""
+    out = tmp_path / "part"
+    args = ["--scale", "ci", "--out", str(out), "--max-steps", "12", "--seeds", "1", "--data", "synthetic",
+            "--no-progress", "--jobs", "1"]  # fmt: skip
+    run = run_script(*args, "--only", "K2,single")
+    trained = sorted(p.parent.name for p in (out / "runs").glob("*/summary.json"))
+    assert trained == ["K2-s0", "single-s0"]
+    assert run.stdout.index("K2-s0") < run.stdout.index("single-s0")  # in the order given
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["runs"]) > 10
+    numbers = json.loads((out / "report" / "numbers.json").read_text())
+    assert numbers["n_ok"] == "2" and numbers["n_runs"] == str(len(plan["runs"]))
+    bad = subprocess.run([sys.executable, str(SCRIPT), *args, "--only", "K2,H999"], capture_output=True, text=True,
+                         timeout=300, cwd=REPO)  # fmt: skip
+    assert bad.returncode != 0 and "--only: no variant H999" in bad.stderr
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(SCRIPT), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO, env={**os.environ})
