@@ -308,6 +308,26 @@ def gap_and_agreement(rep: Reproduction) -> dict[str, float] | None:
             "K": float(rep.scale["workers"])}  # fmt: skip
 
 
+def gap_by_h(rep: Reproduction) -> tuple[str, str]:
+    """DiLoCo's final val-loss gap to DDP for each H of the H study, on the seeds every H and DDP finished:
+    ("H=20: +0.45%, H=50: ... (seed 0)", whether it grows with H), or "not finished yet" while a run is missing."""
+    runs = rep.runs[[("H" in s) for s in rep.runs["studies"]]]
+    if (runs["status"] == "missing").any():
+        return "not finished yet", "cannot be told yet"
+    ok = rep.runs[rep.runs["status"] == "ok"]
+    ddp = ok[ok["variant"] == "ddp"].set_index("seed")["final_val_loss"]
+    by_h = sorted(runs[runs["status"] == "ok"].groupby("algorithm.inner_steps"), key=lambda x: float(x[0]))
+    seeds = sorted(set(ddp.index).intersection(*(set(g["seed"]) for _, g in by_h)))
+    if not by_h or not seeds:
+        return "no result", "cannot be told (its runs failed)"
+    gaps = [(int(h), float(np.mean([g.set_index("seed")["final_val_loss"][s] / ddp[s] - 1 for s in seeds])))
+            for h, g in by_h]  # fmt: skip
+    text = ", ".join(f"H={h}: {gap:+.2%}" for h, gap in gaps)
+    grows = all(b > a for (_, a), (_, b) in zip(gaps, gaps[1:], strict=False))
+    return (f"{text} (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})",
+            "grows with H" if grows else "does not grow steadily with H")  # fmt: skip
+
+
 def numbers(rep: Reproduction, tables: dict[str, pd.DataFrame], c: pd.DataFrame) -> dict[str, str]:
     """Every number the paper's text quotes, formatted, keyed by name (the paper's {{macros}})."""
     sc = rep.scale

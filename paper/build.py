@@ -151,7 +151,7 @@ def small_section(rep, runs: Path) -> tuple[dict[str, str], dict[str, str]]:
     """Numbers (``small.*``) and the table (``scales``) of the two-scale section: the claims at RUNS's scale
     (``rep``) next to those at scale small, read from SMALL_RUNS (a ``reproduce_diloco.py --scale small`` folder,
     which may be partly run: its unfinished claims say so)."""
-    from diloco_report import gap_and_agreement, load, scales_markdown
+    from diloco_report import gap_and_agreement, gap_by_h, load, scales_markdown
 
     small = load(runs)
     ok = small.runs[small.runs["status"] == "ok"]
@@ -172,6 +172,7 @@ def small_section(rep, runs: Path) -> tuple[dict[str, str], dict[str, str]]:
                          ("cosine", "{:.2f}"), ("norm_ratio", "{:.2f}"), ("K", "{:.0f}")):  # fmt: skip
             nums[f"{name}.{key}"] = fmt.format(g[key]) if g else "-"
         nums[f"{name}.gap_share"] = f"{g['gap_first'] / g['gap_last']:.0%}" if g.get("gap_last") else "-"
+        nums[f"{name}.gap_by_h"], nums[f"{name}.gap_by_h_trend"] = gap_by_h(r)
     nums["small.vs.scale"] = rep.plan["scale"]
     nums["small.H"] = str(small.scale["H"])
     nums["small.orthogonal"] = f"{1 / math.sqrt(small.scale['workers']):.2f}"

@@ -36,7 +36,7 @@ def test_a_partly_run_scale_shows_its_finished_claims_and_says_which_are_not(tmp
     finished get the measurement and a verdict, the others say they are not finished, and the header counts runs."""
     import shutil
 
-    from diloco_report import CLAIM_KEYS, load, scales_markdown
+    from diloco_report import CLAIM_KEYS, gap_by_h, load, scales_markdown
 
     partial = tmp_path / "partial"
     shutil.copytree(COMMITTED, partial)
@@ -55,6 +55,14 @@ def test_a_partly_run_scale_shows_its_finished_claims_and_says_which_are_not(tmp
             assert a.endswith("held)") and b == "not finished yet", claim
         else:
             assert a == b and a.endswith("held)"), claim  # the same runs: the same measurement and verdict
+    # DiLoCo's gap to DDP by H, on the seeds every H finished (seed 0: the H study's one seed)
+    text, trend = gap_by_h(whole)
+    ddp = json.loads((COMMITTED / "runs" / "ddp-s0" / "summary.json").read_text())["final_val_loss"]
+    gaps = [json.loads((COMMITTED / "runs" / r / "summary.json").read_text())["final_val_loss"] / ddp - 1
+            for r in ("H6-s0", "diloco-s0", "H45-s0")]  # fmt: skip
+    assert text == f"H=6: {gaps[0]:+.2%}, H=18: {gaps[1]:+.2%}, H=45: {gaps[2]:+.2%} (seed 0)"
+    assert trend == ("grows with H" if gaps[0] < gaps[1] < gaps[2] else "does not grow steadily with H")
+    assert gap_by_h(part)[0] == "not finished yet"
 
 
 def test_only_trains_the_named_variants_and_keeps_the_whole_plan(tmp_path: Path) -> None:
