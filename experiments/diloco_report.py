@@ -282,7 +282,8 @@ def scales_markdown(reps: dict[str, Reproduction]) -> str:
 
 def gap_and_agreement(rep: Reproduction) -> dict[str, float] | None:
     """Where DiLoCo's loss gap to DDP opens, and how much its workers agree: the mean (over the main study's paired
-    seeds) relative val-loss gap at the first evaluation after the warm-start and at the end, and, over every outer
+    seeds) relative val-loss gap at DiLoCo's first evaluation after the warm-start and at the end (DDP's loss
+    interpolated between its evaluations), and, over every outer
     step of those DiLoCo runs, the mean pairwise cosine of the workers' pseudo-gradients and the norm of their
     average over their mean norm (1 when they agree, 1/sqrt(K) when orthogonal). None if no seed has both runs."""
     ok = rep.runs[rep.runs["status"] == "ok"]
@@ -296,9 +297,11 @@ def gap_and_agreement(rep: Reproduction) -> dict[str, float] | None:
         a, b = (
             load_metrics(r).dropna(subset=["val_loss"]).set_index("step")["val_loss"] for r in (dil[seed], ddp[seed])
         )
-        after = [s for s in a.index if s > warm and s in b.index]
-        first.append(a[after[0]] / b[after[0]] - 1)
-        last.append(a[after[-1]] / b[after[-1]] - 1)
+        after = [s for s in a.index if s > warm]
+        # DDP evaluates on its own grid (DiLoCo's is aligned to its outer steps): read it where DiLoCo evaluated
+        ddp_at = np.interp(after, b.index.to_numpy(float), b.to_numpy(float))
+        first.append(a[after[0]] / ddp_at[0] - 1)
+        last.append(a[after[-1]] / ddp_at[-1] - 1)
         m = load_metrics(dil[seed])
         rounds = m[m["outer_step"].diff() > 0].dropna(subset=["pg_cosine"])  # one row per outer step
         cosine += list(rounds["pg_cosine"])
