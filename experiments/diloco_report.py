@@ -281,11 +281,11 @@ def scales_markdown(reps: dict[str, Reproduction]) -> str:
 
 
 def gap_and_agreement(rep: Reproduction) -> dict[str, float] | None:
-    """Where DiLoCo's loss gap to DDP opens, and how much its workers agree: the mean (over the main study's paired
-    seeds) relative val-loss gap at DiLoCo's first evaluation after the warm-start and at the end (DDP's loss
-    interpolated between its evaluations), and, over every outer
-    step of those DiLoCo runs, the mean pairwise cosine of the workers' pseudo-gradients and the norm of their
-    average over their mean norm (1 when they agree, 1/sqrt(K) when orthogonal). None if no seed has both runs."""
+    """Where DiLoCo's loss gap to DDP opens, and how much its workers agree. The gap: relative val loss, the mean
+    over the seeds both finished, at DiLoCo's first evaluation after the warm-start and at its last (DDP's loss
+    interpolated between its own evaluations). The agreement, over every outer step of those DiLoCo runs: the mean
+    pairwise cosine of the workers' pseudo-gradients, and the norm of their average over their mean norm (1 when
+    they agree, 1/sqrt(K) when orthogonal). None if no seed has both runs."""
     ok = rep.runs[rep.runs["status"] == "ok"]
     dil, ddp = (ok[ok["variant"] == v].set_index("seed")["run_dir"] for v in ("diloco", "ddp"))
     seeds = sorted(set(dil.index) & set(ddp.index))

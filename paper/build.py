@@ -8,9 +8,10 @@ DiLoCo section (macros ``streaming.*``), by ``experiments/streaming_report.py`` 
 heterogeneous-swarm section (macros ``heterogeneous.*``), by ``experiments/reproduce_heterogeneous.py`` from
 HETEROGENEOUS_RUNS (its ``--out`` folder) and, for the SWARM section (macros ``swarm.*``), by
 ``experiments/reproduce_swarm.py`` from SWARM_RUNS (its ``--out`` folder), its measured throughput on locoswarm-netem
-(macros ``netem_swarm.*``) by ``experiments/netem_swarm_study.py`` from NETEM_SWARM_RUNS, and for the two-scale section (macros ``small.*``) by
-``experiments/diloco_report.py`` from SMALL_RUNS (a ``reproduce_diloco.py --scale small`` folder). A macro the data does not define is an error, never a blank. Outputs in OUT: ``report.md`` (the filled text), ``report.pdf``,
-``numbers.json``, ``tables/`` and ``figures/``.
+(macros ``netem_swarm.*``) by ``experiments/netem_swarm_study.py`` from NETEM_SWARM_RUNS, and for the two-scale
+table (macros ``small.*``) by ``experiments/diloco_report.py`` from SMALL_RUNS (a ``reproduce_diloco.py --scale
+small`` folder, whole or partly run). A macro the data does not define is an error, never a blank. Outputs in OUT:
+``report.md`` (the filled text), ``report.pdf``, ``numbers.json``, ``tables/`` and ``figures/``.
 """
 
 from __future__ import annotations
