@@ -283,11 +283,12 @@ def test_a_prepared_round_forms_its_group_during_the_phase_and_averages_the_same
     exists, and the round still gives the weighted mean of both peers' inputs (as the sim does, to float rounding:
     the ring sums in its own order). The first round, with nothing measured yet, forms its group when it starts."""
     got = _run(_early_peer, f"early{os.getpid()}", peers=2)
+    logs = "\n".join(f"peer {i}: {m}" for i, res in enumerate(got) for m in res["log"])  # both sides of a failure
     for res in got:
-        assert res["early"] == 2, res["log"]
-        assert sum("began forming" in m for m in res["log"]) == 2, res["log"]
+        assert res["early"] == 2, logs
+        assert sum("began forming" in m for m in res["log"]) == 2, logs
         for r, rnd in enumerate(res["rounds"]):
-            assert rnd["group"] == 2
+            assert rnd["group"] == 2, f"round {r + 1}:\n{logs}"
             for mine, a, b in zip(rnd["tensors"], _inputs(0, r), _inputs(1, r), strict=True):
                 torch.testing.assert_close(torch.from_numpy(mine), (1 * a + 2 * b) / 3, rtol=1e-6, atol=1e-6)
 

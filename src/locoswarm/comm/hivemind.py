@@ -279,6 +279,7 @@ class _EarlyGroup:
     number: int  # the round it is for
     weight: float  # the weight its matchmaking metadata announced
     averager: DecentralizedAverager
+    limit: int  # the mailbox's limit for the round (``_mailbox_limit``), from the key's last round
     due: threading.Event  # set when the round starts or is abandoned: forming the group may wait no longer
     abandoned: bool = False
     control: Any = None  # hivemind's StepControl, once matchmaking has begun
@@ -366,6 +367,14 @@ class RoundClock:
         """Our round failed or left out live peers: the spread was larger than we thought; double the window."""
         floor = self.cfg.min_matchmaking_time / self.cfg.deadline_margin
         self.spread = 2 * max(self.spread or 0.0, floor)
+
+
+def _mailbox_limit(mode: str, payloads: Sequence[Payload]) -> int:
+    """The most bytes a groupmate may send us in a round of ``mode`` (the mailbox refuses more): no slice or chunk is
+    larger than the whole payload; a reduced chunk carries its owner's screening report."""
+    if mode == "ring":
+        return 4 * sum(p.buffers["values"].numel() for p in payloads)
+    return sum(p.nbytes for p in payloads) + (REPORT_LIMIT if mode == "reduce" else 0)
 
 
 class _LenientSerializer(MSGPackSerializer):
@@ -529,7 +538,7 @@ class HivemindAverager(Averager):
         self._resync: Any = None  # MPFuture of a state download in flight
         self._clusters: list[list[bytes]] = []
         # ``prepare``: the last swarm round's (mode, averager) per key, and the next round's group formed early
-        self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager]] = {}
+        self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager, int]] = {}  # key -> (mode, averager, limit)
         self._early: _EarlyGroup | None = None
         self._prepared_at: float | None = None
         self.early_groups = 0  # rounds whose group formed before their payload existed
@@ -713,7 +722,7 @@ class HivemindAverager(Averager):
         with self._rollback_lock:
             if any(self._pending.values()):  # a round in flight: the next start need not be this one
                 return
-        self._early = _EarlyGroup(key, self.round + 1, float(weights[0]), swarm_round[1], threading.Event())
+        self._early = _EarlyGroup(key, self.round + 1, float(weights[0]), *swarm_round[1:], threading.Event())
         self._submit(self._form_early, self._early, *when)
 
     def _form_early(self, early: _EarlyGroup, begin: float, expected: float) -> None:
@@ -725,6 +734,10 @@ class HivemindAverager(Averager):
             return
         wait = self.clock.window() + max(0.0, expected - time.monotonic())
         try:
+            # A groupmate whose payload is ready first sends as soon as the group forms: expect its bytes from now
+            # on (a mailbox refuses a round it does not expect, and both sides of the ring then waited out the
+            # deadline), as an unprepared round expects them before it looks for its group.
+            self._mailbox_for().expect(early.number, early.limit)
             early.control = self._matchmake(early.averager, [torch.zeros(1)], early.number, 0, None, early.weight,
                                             wait, wait + 4 * self._request_timeout + 1.0)  # fmt: skip
             early.began = time.monotonic()
@@ -830,7 +843,7 @@ class HivemindAverager(Averager):
             self._settle(job, rolled_back=True)  # the round never starts: nothing of its encode was sent
             raise
         if members is None and averager is not None:  # what ``prepare`` forms the next round's group with
-            self._swarm_rounds[key] = (mode, averager)
+            self._swarm_rounds[key] = (mode, averager, _mailbox_limit(mode, payloads))
         job.update(weight=weight, local=local, devices=[t.device for t in tensors], payloads=payloads, mode=mode,
                    path=path, averager=averager, t0=time.monotonic())  # fmt: skip
         return job
@@ -977,12 +990,9 @@ class HivemindAverager(Averager):
         if mode != "butterfly":
             local = [torch.zeros(1)]  # matchmaking only; the payloads travel through the mailbox
             mailbox = self._mailbox_for()
-            if mode == "ring":  # fp32 wire values, never packed (a 2x copy of the payload on the critical path)
-                blob, limit = b"", 4 * sum(p.buffers["values"].numel() for p in payloads)
-            else:  # no slice or chunk is larger than the whole payload; a reduced chunk carries its owner's screening
-                blob = codecs.pack(payloads)
-                limit = len(blob) + (REPORT_LIMIT if mode == "reduce" else 0)
-            mailbox.expect(number, limit)
+            # ring: fp32 wire values, never packed (a 2x copy of the payload on the critical path)
+            blob = b"" if mode == "ring" else codecs.pack(payloads)
+            mailbox.expect(number, _mailbox_limit(mode, payloads))
         else:
             # exact: fp16 values widen to fp32 and Float16Compression narrows back
             local = [codecs.wire_values(payloads).to(torch.float32)]
