@@ -669,6 +669,7 @@ def test_pipeline_stage_peers_match_sim(tmp_path, swarms, stages, per_stage, alg
     sim = train(compose_config([*overrides, "backend=sim", f"workers={per_stage}"]), tmp_path / "sim")
     assert sim["status"] == "ok"
     worst, per_stage_counted = 0.0, [0] * stages
+    rerouted = any("did not answer" in line for line in swarm.lines)
     for peer in range(per_stage * stages):
         stage, index = divmod(peer, per_stage)
         run = tmp_path / "swarm" / f"peer-{peer}"
@@ -677,7 +678,9 @@ def test_pipeline_stage_peers_match_sim(tmp_path, swarms, stages, per_stage, alg
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
         counted = sum(r.get("microbatches", 0) for r in rows)
         per_stage_counted[stage] += counted
-        assert counted == 2 * 4 or "pipeline.routing=stochastic" in algorithm, rows  # fixed: its own 2 a step
+        # fixed routing: its own 2 a step, unless a call failed and was re-routed to the stage's other peer (logged;
+        # seen under CPU load: a stream ended without the reply, and the step's micro-batches went to the other peer)
+        assert counted == 2 * 4 or "pipeline.routing=stochastic" in algorithm or rerouted, rows
         assert sum(r.get("activation_bytes", 0) for r in rows) > 0
         assert per_stage > 1 or all(r.get("group_size", 1) == 1 and r.get("bytes_sent", 0) == 0 for r in rows), rows
         ours, sims = stage_params(run, stage, stages=stages), stage_params(tmp_path / "sim", stage, index, stages)
