@@ -537,7 +537,7 @@ class HivemindAverager(Averager):
         self._snapshot: tuple[dict, list[torch.Tensor]] | None = None
         self._resync: Any = None  # MPFuture of a state download in flight
         self._clusters: list[list[bytes]] = []
-        # ``prepare``: the last swarm round's (mode, averager) per key, and the next round's group formed early
+        # ``prepare``: the last swarm round's (mode, averager, mailbox limit) per key, and the next round's group formed early
         self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager, int]] = {}  # key -> (mode, averager, limit)
         self._early: _EarlyGroup | None = None
         self._prepared_at: float | None = None
