@@ -537,8 +537,8 @@ class HivemindAverager(Averager):
         self._snapshot: tuple[dict, list[torch.Tensor]] | None = None
         self._resync: Any = None  # MPFuture of a state download in flight
         self._clusters: list[list[bytes]] = []
-        # ``prepare``: the last swarm round's (mode, averager, mailbox limit) per key, and the next round's group formed early
-        self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager, int]] = {}  # key -> (mode, averager, limit)
+        # ``prepare``: per key, the last swarm round's (mode, averager, mailbox limit); the next round's early group
+        self._swarm_rounds: dict[str, tuple[str, DecentralizedAverager, int]] = {}
         self._early: _EarlyGroup | None = None
         self._prepared_at: float | None = None
         self.early_groups = 0  # rounds whose group formed before their payload existed
